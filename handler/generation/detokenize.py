@@ -1,0 +1,40 @@
+"""Incremental detokenization that never emits a broken UTF-8 character.
+
+Byte-level tokenizers split emoji and CJK characters across tokens; decoding a partial sequence
+yields U+FFFD. Text is held back while the decoded tail ends with an incomplete character, and a
+few preceding tokens are decoded along with the new ones so that tokenizers that drop a leading
+space at the start of a sequence still produce it. Special tokens produce no text.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+REPLACEMENT = "\ufffd"
+CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of generated token ids into text pieces."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+    def push(self, token_id: int) -> str:
+        """Add a generated token; return the new printable text (possibly empty)."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
+        if len(text) > len(prefix) and not text.endswith(REPLACEMENT):
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return text[len(prefix) :]
+        return ""

@@ -1,0 +1,318 @@
+"""The static-batch generator and its scheduler thread.
+
+One thread owns the model. Each loop iteration:
+
+1. frees the slots of cancelled requests;
+2. admits waiting requests, first come first served, into free slots with one batched prefill
+   whose prompts add up to at most `max_batch_prefill_tokens` (a single request is always
+   admitted when a slot is free, since its prompt is at most `max_input_tokens`);
+3. runs one decode step over every slot that holds a request.
+
+Scheduling policy: a waiting request is never overtaken (FIFO), so it waits only for the
+requests ahead of it to finish and free a slot. A running stream is delayed by at most one
+prefill of `max_batch_prefill_tokens` tokens between two of its tokens; lowering that setting
+trades admission speed for smoother streams.
+
+A failure inside a model step fails only the requests of that step: their slots are cleared,
+they get an `ErrorEvent`, and the loop goes on. If the loop itself dies, `failure` says why and
+`healthy` turns false so that health checks report it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from handler.errors import GenerationError, OverloadedError, UnavailableError
+from handler.generation.request import (
+    ErrorEvent,
+    FinalEvent,
+    GenerationRequest,
+    RequestHandle,
+    Token,
+    TokenEvent,
+)
+from handler.generation.sampling import Selection, TokenSelector
+from handler.generation.slots import Slot, SlotState
+from handler.generation.stopping import FinishReason, StoppingCriteria
+from handler.model.base import ModelBackend
+
+logger = logging.getLogger(__name__)
+
+
+def eos_token_ids(
+    tokenizer: PreTrainedTokenizerBase, generation_config: object = None
+) -> frozenset[int]:
+    """Every EOS id: the tokenizer's and the generation config's (an int or a list)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    return frozenset(ids)
+
+
+class Generator:
+    """Continuous batching over a fixed number of slots, driven by one scheduler thread."""
+
+    def __init__(
+        self,
+        backend: ModelBackend,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        eos_token_ids: frozenset[int],
+        max_concurrent_requests: int = 128,
+        max_batch_prefill_tokens: int | None = None,
+    ) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        shape = backend.shape
+        self.max_total_tokens = shape.sequence_length
+        self.eos_token_ids = eos_token_ids
+        self.special_ids = frozenset(tokenizer.all_special_ids) | eos_token_ids
+        self.max_concurrent_requests = max_concurrent_requests
+        self.max_batch_prefill_tokens = max_batch_prefill_tokens or (
+            shape.batch_size * shape.sequence_length
+        )
+        self.slots = [Slot(i) for i in range(shape.batch_size)]
+        self.selector = TokenSelector(shape.batch_size, shape.vocab_size)
+        self._cond = threading.Condition()
+        self._waiting: deque[RequestHandle] = deque()
+        self._in_flight = 0
+        self._accepting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.failure: str | None = None
+        self._token_text: dict[int, str] = {}
+
+    # --- caller side (any thread) ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self.failure is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def queue_size(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active_slots(self) -> int:
+        return sum(slot.state is not SlotState.EMPTY for slot in self.slots)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request; `OverloadedError` when `max_concurrent_requests` are in flight."""
+        handle = RequestHandle(request, on_cancel=self._wake)
+        with self._cond:
+            if not self._accepting or not self.healthy:
+                raise UnavailableError(self.failure or "The server is not accepting requests")
+            if self._in_flight >= self.max_concurrent_requests:
+                raise OverloadedError("Model is overloaded")
+            self._in_flight += 1
+            self._waiting.append(handle)
+            self._cond.notify()
+        return handle
+
+    def stop(self, grace: float = 0.0) -> None:
+        """Refuse new requests, let running ones finish for up to `grace` seconds, then stop."""
+        deadline = time.monotonic() + grace
+        with self._cond:
+            self._accepting = False
+            while self._in_flight and time.monotonic() < deadline:
+                self._cond.wait(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # --- scheduler thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stop and not self._waiting and not self._busy():
+                        self._cond.wait()
+                    if self._stop:
+                        break
+                    admitted = self._admit()
+                self._drop_cancelled()
+                if admitted:
+                    self._prefill(admitted)
+                if any(slot.state is SlotState.DECODE for slot in self.slots):
+                    self._decode()
+        except BaseException as exc:  # the loop itself broke: report, never hide
+            self.failure = f"The scheduler thread died: {type(exc).__name__}: {exc}"
+            logger.exception("scheduler thread died")
+        self._shutdown()
+
+    def _busy(self) -> bool:
+        return any(slot.state is not SlotState.EMPTY for slot in self.slots)
+
+    def _admit(self) -> list[Slot]:
+        """Move waiting requests into free slots (called with the lock held)."""
+        free = [slot for slot in self.slots if slot.state is SlotState.EMPTY]
+        admitted: list[Slot] = []
+        budget = self.max_batch_prefill_tokens
+        while self._waiting and len(admitted) < len(free):
+            handle = self._waiting[0]
+            if handle.cancelled:
+                self._waiting.popleft()
+                self._in_flight -= 1
+                continue
+            length = len(handle.request.prompt_ids)
+            if admitted and length > budget:
+                break
+            self._waiting.popleft()
+            budget -= length
+            slot = free[len(admitted)]
+            request = handle.request
+            seed = self.selector.assign(slot.index, request.params, request.prompt_ids)
+            stopping = StoppingCriteria(
+                request.max_new_tokens,
+                request.stop_sequences,
+                self.eos_token_ids,
+                self.max_total_tokens,
+                ignore_eos=request.ignore_eos,
+            )
+            slot.assign(handle, self.tokenizer, stopping, seed)
+            admitted.append(slot)
+        self._cond.notify_all()
+        return admitted
+
+    def _drop_cancelled(self) -> None:
+        for slot in self.slots:
+            if slot.handle is not None and slot.handle.cancelled:
+                self._release(slot)
+
+    def _release(self, slot: Slot) -> RequestHandle | None:
+        self.selector.release(slot.index)
+        handle = slot.release()
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
+        return handle
+
+    def _fail(self, slots: list[Slot], phase: str, exc: Exception) -> None:
+        ids = ", ".join(slot.handle.request.request_id for slot in slots)
+        logger.error("model %s step failed for %s", phase, ids, exc_info=exc)
+        for slot in slots:
+            handle = self._release(slot)
+            error = GenerationError(
+                f"Request failed during generation: the model's {phase} step raised "
+                f"{type(exc).__name__} (request {handle.request.request_id})"
+            )
+            handle.put(ErrorEvent(error))
+
+    def _prefill(self, slots: list[Slot]) -> None:
+        requests = [slot.handle.request for slot in slots]
+        seq_ids = [slot.index for slot in slots]
+        try:
+            output = self.backend.prefill(
+                [r.prompt_ids for r in requests],
+                seq_ids,
+                [r.decoder_input_details for r in requests],
+            )
+            selection = self.selector.select(output.logits, seq_ids)
+        except Exception as exc:
+            self._fail(slots, "prefill", exc)
+            return
+        for i, slot in enumerate(slots):
+            slot.prefilled()
+            if output.prompt_logits[i] is not None:
+                slot.prefill_tokens = self._prompt_tokens(
+                    requests[i].prompt_ids, output.prompt_logits[i]
+                )
+        self._emit(slots, selection)
+
+    def _decode(self) -> None:
+        slots = [slot for slot in self.slots if slot.state is SlotState.DECODE]
+        seq_ids = [slot.index for slot in slots]
+        input_ids = torch.tensor([slot.generated[-1] for slot in slots], dtype=torch.long)
+        positions = torch.tensor([slot.total_tokens - 1 for slot in slots], dtype=torch.long)
+        try:
+            logits = self.backend.decode(input_ids, positions, seq_ids)
+            selection = self.selector.select(logits, seq_ids)
+        except Exception as exc:
+            self._fail(slots, "decode", exc)
+            return
+        self._emit(slots, selection)
+
+    def _text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._token_text[token_id] = text
+        return text
+
+    def _prompt_tokens(self, prompt_ids: list[int], logits: torch.Tensor) -> list[Token]:
+        """Prompt tokens with log P(token | preceding tokens). logits: `[prompt_len, vocab]`."""
+        logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
+        following = torch.tensor(prompt_ids[1:], dtype=torch.long)[:, None]
+        values = [None, *logprobs.gather(1, following)[:, 0].tolist()]
+        return [
+            Token(id=i, text=self._text(i), logprob=lp, special=i in self.special_ids)
+            for i, lp in zip(prompt_ids, values)
+        ]
+
+    def _emit(self, slots: list[Slot], selection: Selection) -> None:
+        for slot, token_id, logprob, top in zip(
+            slots, selection.ids, selection.logprobs, selection.top
+        ):
+            special = token_id in self.special_ids
+            piece, reason = slot.append(token_id, special)
+            token = Token(token_id, self._text(token_id) if special else piece, logprob, special)
+            top_tokens = [Token(i, self._text(i), lp, i in self.special_ids) for i, lp in top]
+            slot.handle.put(TokenEvent(token, top_tokens))
+            if reason is not None:
+                self._finish(slot, reason)
+
+    def _finish(self, slot: Slot, reason: FinishReason) -> None:
+        now = time.monotonic()
+        handle = slot.handle
+        final = FinalEvent(
+            finish_reason=reason,
+            text=slot.final_text(),
+            generated_tokens=len(slot.generated),
+            prompt_tokens=len(handle.request.prompt_ids),
+            seed=slot.seed,
+            prefill=slot.prefill_tokens,
+            queue_time=slot.started_at - handle.submitted_at,
+            inference_time=now - slot.started_at,
+        )
+        self._release(slot)
+        handle.put(final)
+
+    def _shutdown(self) -> None:
+        """Fail whatever is left when the loop ends."""
+        reason = self.failure or "The server is shutting down"
+        for slot in self.slots:
+            if slot.handle is not None:
+                handle = self._release(slot)
+                handle.put(ErrorEvent(UnavailableError(reason)))
+        with self._cond:
+            self._accepting = False
+            while self._waiting:
+                handle = self._waiting.popleft()
+                self._in_flight -= 1
+                handle.put(ErrorEvent(UnavailableError(reason)))
+            self._cond.notify_all()

@@ -1,0 +1,49 @@
+"""When a request stops: max_new_tokens, EOS, stop sequences, the sequence-length cap."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class FinishReason(StrEnum):
+    """TGI's finish reasons (OpenAI maps `eos_token` and `stop_sequence` to `stop`)."""
+
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+
+
+class StoppingCriteria:
+    """Checks one request after each generated token."""
+
+    def __init__(
+        self,
+        max_new_tokens: int,
+        stop_sequences: list[str],
+        eos_token_ids: frozenset[int],
+        max_total_tokens: int,
+        ignore_eos: bool = False,
+    ) -> None:
+        self.max_new_tokens = max_new_tokens
+        self.stop_sequences = [s for s in stop_sequences if s]
+        self.eos_token_ids = frozenset() if ignore_eos else eos_token_ids
+        self.max_total_tokens = max_total_tokens
+        self.text = ""
+
+    def __call__(
+        self, token_id: int, piece: str, generated: int, total: int
+    ) -> FinishReason | None:
+        """token_id/piece: the new token and its text; generated/total: counts including it."""
+        if token_id in self.eos_token_ids:
+            return FinishReason.EOS_TOKEN
+        if piece and self.stop_sequences:
+            start = len(self.text)
+            self.text += piece
+            # A stop sequence may span the boundary between earlier text and the new piece.
+            longest = max(len(s) for s in self.stop_sequences)
+            window = self.text[max(0, start - longest + 1) :]
+            if any(stop in window for stop in self.stop_sequences):
+                return FinishReason.STOP_SEQUENCE
+        if generated >= self.max_new_tokens or total >= self.max_total_tokens:
+            return FinishReason.LENGTH
+        return None

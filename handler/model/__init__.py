@@ -1,0 +1,1 @@
+"""Model backends: one narrow interface (`ModelBackend`), a torch and a Neuron implementation."""

@@ -1,0 +1,65 @@
+"""The narrow interface between the generator and a model.
+
+It follows optimum-neuron's continuous-batching forward: the backend owns a static KV cache of
+`batch_size` rows ("slots") of `sequence_length` positions. `prefill` fills the rows named by
+`seq_ids` from scratch (prompts of different lengths at once) without touching the other rows;
+`decode` advances each named row by one token at its own position. Both return float32 logits
+for the last position of each row, in the order the rows were given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the generator needs to know about the model it drives."""
+
+    batch_size: int
+    """Number of KV cache rows (slots)."""
+    sequence_length: int
+    """Positions per row: prompt plus generated tokens."""
+    vocab_size: int
+    """Width of the logits."""
+    device: str
+    dtype: str
+
+
+@dataclass
+class PrefillOutput:
+    """Result of a prefill over `n` rows."""
+
+    logits: torch.Tensor
+    """`[n, vocab]` float32 logits of each row's last prompt position."""
+    prompt_logits: list[torch.Tensor | None]
+    """Per row, `[prompt_len, vocab]` float32 logits of every prompt position, or None when not
+    asked for."""
+
+
+class ModelBackend(Protocol):
+    """A model with a slot-addressed KV cache (see module docstring)."""
+
+    shape: ModelShape
+
+    def prefill(
+        self,
+        input_ids: list[list[int]],
+        seq_ids: list[int],
+        want_prompt_logits: list[bool] | None = None,
+    ) -> PrefillOutput:
+        """Fill rows `seq_ids` with the given prompts (one list of token ids per row)."""
+        ...
+
+    def decode(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_ids: list[int]
+    ) -> torch.Tensor:
+        """Advance rows by one token.
+
+        input_ids: `[n]` last token of each row; position_ids: `[n]` its position (tokens so
+        far - 1); returns `[n, vocab]` float32 logits.
+        """
+        ...

@@ -1,0 +1,261 @@
+"""Torch implementation of `ModelBackend` on top of `transformers` causal LMs (CPU or CUDA).
+
+The KV cache is a `transformers` `Cache` subclass with one static tensor per layer of shape
+`[batch_size, kv_heads, sequence_length, head_dim]`. Writes go to each row's own positions; the
+attention of a step covers only `max(filled length)` positions of the rows it runs, never the
+capacity (a `StaticCache` attends to every position and was measured 3x slower on CPU at batch 8).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.cache_utils import Cache
+
+from handler.model.base import ModelShape, PrefillOutput
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class _Step:
+    """How the current forward call maps onto cache rows and positions."""
+
+    prefill: bool
+    rows: torch.Tensor | slice
+    """Prefill: `[n]` row indices. Decode: the contiguous slice of rows the batch covers."""
+    write_rows: torch.Tensor | None = None
+    """Decode: `[n]` row indices to write, `write_pos`: `[n]` their positions."""
+    write_pos: torch.Tensor | None = None
+    kv_len: int = 0
+    """Decode: number of cached positions the attention covers."""
+
+
+class SlotKVCache(Cache):
+    """Static per-slot KV storage that attends only to the filled prefix of the rows in a step."""
+
+    def __init__(self, num_layers: int, batch_size: int, sequence_length: int) -> None:
+        super().__init__(layers=[])
+        self.num_layers = num_layers
+        self.batch_size = batch_size
+        self.sequence_length = sequence_length
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.step: _Step | None = None
+
+    def _allocate(self, layer_idx: int, like: torch.Tensor) -> None:
+        shape = (self.batch_size, like.shape[1], self.sequence_length, like.shape[3])
+        self.keys[layer_idx] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.values[layer_idx] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `[n, kv_heads, q, head_dim]` states; return what this layer's attention reads."""
+        if self.keys[layer_idx] is None:
+            self._allocate(layer_idx, key_states)
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        step = self.step
+        if step.prefill:
+            # A prefilled row attends only to its own prompt: no need to read the cache back.
+            length = key_states.shape[2]
+            keys[step.rows, :, :length] = key_states
+            values[step.rows, :, :length] = value_states
+            return key_states, value_states
+        keys[step.write_rows, :, step.write_pos] = key_states[:, :, 0]
+        values[step.write_rows, :, step.write_pos] = value_states[:, :, 0]
+        return keys[step.rows, :, : step.kv_len], values[step.rows, :, : step.kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.step is None or self.step.prefill else self.step.kv_len - 1
+
+    def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int) -> tuple[int, int]:
+        if self.step is None or self.step.prefill:
+            return cache_position.shape[0], 0
+        return self.step.kv_len, 0
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.sequence_length
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.num_layers
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+
+class TorchBackend:
+    """`ModelBackend` for a `transformers` causal LM with a `SlotKVCache`."""
+
+    def __init__(self, model: PreTrainedModel, batch_size: int, sequence_length: int) -> None:
+        self.model = model.eval()
+        config = model.config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.decoder = getattr(model, model.base_model_prefix)
+        self.lm_head = model.get_output_embeddings()
+        num_layers = config.num_hidden_layers
+        self.cache = SlotKVCache(num_layers, batch_size, sequence_length)
+        window = getattr(config, "sliding_window", None)
+        self.sliding_window: int | None = (
+            window if window and getattr(config, "use_sliding_window", True) else None
+        )
+        self.shape = ModelShape(
+            batch_size=batch_size,
+            sequence_length=sequence_length,
+            vocab_size=self.lm_head.weight.shape[0],
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+        )
+        self._min = torch.finfo(self.dtype).min
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        batch_size: int,
+        sequence_length: int,
+        dtype: str = "fp32",
+        device: str = "cpu",
+        trust_remote_code: bool = False,
+    ) -> TorchBackend:
+        """Load weights from a local model directory."""
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=TORCH_DTYPES[dtype],
+            attn_implementation="sdpa",
+            trust_remote_code=trust_remote_code,
+        ).to(device)
+        return cls(model, batch_size, sequence_length)
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache_position: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Run the decoder; return hidden states `[n, q, hidden]`."""
+        out = self.decoder(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            cache_position=cache_position,
+            attention_mask=mask,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def _allowed(
+        self, query_pos: torch.Tensor, key_len: int, valid_len: torch.Tensor
+    ) -> torch.Tensor:
+        """Boolean `[n, 1, q, key_len]`: causal, inside each row's filled length and the window."""
+        keys = torch.arange(key_len, device=self.device)
+        allowed = (keys[None, None, :] <= query_pos[:, :, None]) & (
+            keys[None, None, :] < valid_len[:, None, None]
+        )
+        if self.sliding_window is not None:
+            allowed &= keys[None, None, :] > query_pos[:, :, None] - self.sliding_window
+        return allowed[:, None]
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        # An additive float mask works with both the sdpa and eager attention implementations.
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
+            ~allowed, self._min
+        )
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        input_ids: list[list[int]],
+        seq_ids: list[int],
+        want_prompt_logits: list[bool] | None = None,
+    ) -> PrefillOutput:
+        lengths = [len(ids) for ids in input_ids]
+        width = max(lengths)
+        n = len(input_ids)
+        tokens = torch.zeros((n, width), dtype=torch.long)
+        for i, ids in enumerate(input_ids):
+            tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        tokens = tokens.to(self.device)
+        positions = torch.arange(width, device=self.device).expand(n, width)
+        length_t = torch.tensor(lengths, device=self.device)
+        uniform = len(set(lengths)) == 1 and (
+            self.sliding_window is None or width <= self.sliding_window
+        )
+        mask = None if uniform else self._additive(self._allowed(positions, width, length_t))
+        self.cache.step = _Step(prefill=True, rows=torch.tensor(seq_ids, device=self.device))
+        try:
+            hidden = self._forward(tokens, positions, positions[0], mask)
+        finally:
+            self.cache.step = None
+        last = hidden[torch.arange(n, device=self.device), length_t - 1]
+        prompt_logits: list[torch.Tensor | None] = [None] * n
+        for i, wanted in enumerate(want_prompt_logits or []):
+            if wanted:
+                prompt_logits[i] = self._logits(hidden[i, : lengths[i]]).cpu()
+        return PrefillOutput(logits=self._logits(last).cpu(), prompt_logits=prompt_logits)
+
+    @torch.inference_mode()
+    def decode(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_ids: list[int]
+    ) -> torch.Tensor:
+        lo, hi = min(seq_ids), max(seq_ids) + 1
+        n = hi - lo
+        # The step runs over the contiguous row range [lo, hi) so that the cache is read as a
+        # view, never gathered. Rows in the range that are not being decoded are padding: they
+        # write their last position (which any row writes itself before reading it) and
+        # attend to position 0 only; their outputs are dropped.
+        index = torch.tensor(seq_ids) - lo
+        tokens = torch.zeros(n, dtype=torch.long)
+        tokens[index] = input_ids.cpu()
+        write_pos = torch.full((n,), self.cache.sequence_length - 1, dtype=torch.long)
+        write_pos[index] = position_ids.cpu()
+        query_pos = torch.zeros(n, dtype=torch.long)
+        query_pos[index] = position_ids.cpu()
+        valid = query_pos + 1
+        kv_len = int(valid.max())
+        dense = len(seq_ids) == n
+        uniform = dense and bool((write_pos == write_pos[0]).all())
+        tokens, write_pos, query_pos, valid = (
+            t.to(self.device) for t in (tokens, write_pos, query_pos, valid)
+        )
+        allowed = None if uniform else self._allowed(query_pos[:, None], kv_len, valid)
+        mask = None if allowed is None else self._additive(allowed)
+        self.cache.step = _Step(
+            prefill=False,
+            rows=slice(lo, hi),
+            write_rows=torch.arange(lo, hi, device=self.device),
+            write_pos=write_pos,
+            kv_len=kv_len,
+        )
+        try:
+            hidden = self._forward(
+                tokens[:, None],
+                query_pos[:, None],
+                write_pos[:1] if uniform else torch.tensor([kv_len - 1], device=self.device),
+                mask,
+            )
+        finally:
+            self.cache.step = None
+        logits = self._logits(hidden[:, -1])
+        return logits[index.to(self.device)].cpu()

@@ -1,0 +1,233 @@
+"""Configuration: precedence, aliases, derived defaults and every contradiction."""
+
+from __future__ import annotations
+
+import pytest
+
+from handler.config import CompiledShape, ConfigError, read_settings
+
+VALID = [
+    (
+        {},
+        {
+            "max_batch_size": 4,
+            "max_total_tokens": 4096,
+            "max_input_tokens": 2048,
+            "max_batch_prefill_tokens": 4 * 2048,
+            "max_concurrent_requests": 128,
+            "port": 8080,
+        },
+    ),
+    (
+        {"HF_BATCH_SIZE": "8", "HF_SEQUENCE_LENGTH": "2048"},
+        {
+            "max_batch_size": 8,
+            "max_total_tokens": 2048,
+            "max_input_tokens": 1024,
+            "max_batch_prefill_tokens": 8 * 1024,
+        },
+    ),
+    ({"MAX_BATCH_SIZE": "2", "HF_BATCH_SIZE": "2"}, {"max_batch_size": 2}),
+    (
+        {
+            "SM_ON_BATCH_SIZE": "3",
+            "SM_ON_SEQUENCE_LENGTH": "1024",
+            "SM_ON_TENSOR_PARALLEL_SIZE": "2",
+            "SM_ON_MODEL": "org/model",
+        },
+        {"max_batch_size": 3, "max_total_tokens": 1024, "num_cores": 2, "model_id": "org/model"},
+    ),
+    ({"MAX_INPUT_LENGTH": "100", "MAX_TOTAL_TOKENS": "200"}, {"max_input_tokens": 100}),
+    (
+        {
+            "MAX_INPUT_TOKENS": "100",
+            "MAX_INPUT_LENGTH": "100",
+            "MAX_TOTAL_TOKENS": "200",
+            "MAX_BATCH_PREFILL_TOKENS": "150",
+        },
+        {"max_input_tokens": 100, "max_batch_prefill_tokens": 150},
+    ),
+    ({"HF_AUTO_CAST_TYPE": "bfloat16"}, {"auto_cast_type": "bf16"}),
+    ({"HF_AUTO_CAST_TYPE": "float16"}, {"auto_cast_type": "fp16"}),
+    ({"HF_AUTO_CAST_TYPE": "FP32"}, {"auto_cast_type": "fp32"}),
+    ({"HF_NUM_CORES": "2"}, {"num_cores": 2}),
+    ({"MAX_CONCURRENT_REQUESTS": "7"}, {"max_concurrent_requests": 7}),
+    ({"SAGEMAKER_BIND_TO_PORT": "9000", "PORT": "7000"}, {"port": 9000}),
+    ({"PORT": "7000"}, {"port": 7000}),
+    (
+        {"HF_MODEL_ID": "a/b", "MODEL_ID": "a/b", "HF_MODEL_REVISION": "main"},
+        {"model_id": "a/b", "revision": "main"},
+    ),
+    ({"HF_MODEL_TRUST_REMOTE_CODE": "true"}, {"trust_remote_code": True}),
+    ({"MESSAGES_API_ENABLED": "true", "SM_NUM_GPUS": "1"}, {"sm_num_gpus": 1}),
+    ({"HF_HOME": "/data"}, {"hub_cache": "/data/hub"}),
+    ({"HUGGINGFACE_HUB_CACHE": "/cache", "HF_HOME": "/data"}, {"hub_cache": "/cache"}),
+    ({"HOSTNAME": "container-42"}, {"hostname": "0.0.0.0"}),
+]
+
+
+@pytest.mark.parametrize(("environ", "expected"), VALID)
+def test_valid_environments(environ: dict[str, str], expected: dict[str, object]) -> None:
+    settings = read_settings([], environ)
+    for name, value in expected.items():
+        assert getattr(settings, name) == value, name
+
+
+INVALID = [
+    (
+        {"HF_BATCH_SIZE": "4", "MAX_BATCH_SIZE": "8"},
+        ["MAX_BATCH_SIZE='8'", "HF_BATCH_SIZE='4'", "set only MAX_BATCH_SIZE"],
+    ),
+    (
+        {"MAX_TOTAL_TOKENS": "4096", "HF_SEQUENCE_LENGTH": "2048"},
+        ["MAX_TOTAL_TOKENS='4096'", "HF_SEQUENCE_LENGTH='2048'"],
+    ),
+    (
+        {"MAX_INPUT_TOKENS": "100", "MAX_INPUT_LENGTH": "200"},
+        ["MAX_INPUT_TOKENS='100'", "MAX_INPUT_LENGTH='200'"],
+    ),
+    (
+        {"MAX_INPUT_TOKENS": "4096", "MAX_TOTAL_TOKENS": "4096"},
+        ["MAX_INPUT_TOKENS=4096 must be smaller than MAX_TOTAL_TOKENS=4096"],
+    ),
+    (
+        {"MAX_INPUT_TOKENS": "5000"},
+        ["MAX_INPUT_TOKENS=5000 must be smaller than max_total_tokens=4096"],
+    ),
+    ({"HF_AUTO_CAST_TYPE": "int3"}, ["HF_AUTO_CAST_TYPE='int3' is invalid", "bf16, fp16, fp32"]),
+    ({"MAX_BATCH_SIZE": "four"}, ["MAX_BATCH_SIZE='four' is invalid", "whole number"]),
+    ({"MAX_BATCH_SIZE": "0"}, ["MAX_BATCH_SIZE='0' is invalid", "positive"]),
+    ({"HF_NUM_CORES": "-2"}, ["HF_NUM_CORES='-2' is invalid"]),
+    ({"PORT": "99999"}, ["PORT='99999' is invalid"]),
+    (
+        {"MAX_BATCH_PREFILL_TOKENS": "10", "MAX_INPUT_TOKENS": "100", "MAX_TOTAL_TOKENS": "200"},
+        ["MAX_BATCH_PREFILL_TOKENS=10 is smaller than max_input_tokens=100"],
+    ),
+    ({"HF_MODEL_TRUST_REMOTE_CODE": "maybe"}, ["HF_MODEL_TRUST_REMOTE_CODE='maybe' is invalid"]),
+    ({"SERVING_BACKEND": "tpu"}, ["SERVING_BACKEND='tpu' is invalid", "auto, torch, neuron"]),
+]
+
+
+@pytest.mark.parametrize(("environ", "fragments"), INVALID)
+def test_invalid_environments(environ: dict[str, str], fragments: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        read_settings([], environ)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_all_problems_reported_in_one_message() -> None:
+    with pytest.raises(ConfigError) as info:
+        read_settings([], {"MAX_BATCH_SIZE": "x", "HF_AUTO_CAST_TYPE": "int3", "PORT": "0"})
+    message = str(info.value)
+    assert all(name in message for name in ("MAX_BATCH_SIZE", "HF_AUTO_CAST_TYPE", "PORT"))
+
+
+def test_flags_override_environment() -> None:
+    settings = read_settings(
+        [
+            "--max-batch-size",
+            "2",
+            "--max-total-tokens",
+            "512",
+            "--max-input-tokens",
+            "100",
+            "--port",
+            "9999",
+            "--model-id",
+            "x/y",
+            "--revision",
+            "r1",
+            "--hostname",
+            "127.0.0.1",
+            "--max-batch-prefill-tokens",
+            "300",
+            "--max-concurrent-requests",
+            "9",
+        ],
+        {"MAX_BATCH_SIZE": "8", "PORT": "7000", "HF_MODEL_ID": "a/b"},
+    )
+    assert (settings.max_batch_size, settings.max_total_tokens, settings.max_input_tokens) == (
+        2,
+        512,
+        100,
+    )
+    assert (settings.port, settings.model_id, settings.revision, settings.hostname) == (
+        9999,
+        "x/y",
+        "r1",
+        "127.0.0.1",
+    )
+    assert (settings.max_batch_prefill_tokens, settings.max_concurrent_requests) == (300, 9)
+
+
+def test_unknown_flag_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--max-batchsize"):
+        read_settings(["--max-batchsize", "4"], {})
+
+
+def test_compiled_shapes_become_defaults() -> None:
+    settings = read_settings([], {}, CompiledShape(8, 2048, 2, "bf16"))
+    assert (settings.max_batch_size, settings.max_total_tokens, settings.num_cores) == (8, 2048, 2)
+    assert (settings.auto_cast_type, settings.max_input_tokens) == ("bf16", 1024)
+
+
+@pytest.mark.parametrize(
+    ("environ", "fragment"),
+    [
+        (
+            {"MAX_BATCH_SIZE": "8"},
+            "MAX_BATCH_SIZE=8 but the model was compiled for batch size 4: set MAX_BATCH_SIZE=4",
+        ),
+        ({"HF_BATCH_SIZE": "2"}, "HF_BATCH_SIZE=2 but the model was compiled for batch size 4"),
+        (
+            {"MAX_TOTAL_TOKENS": "4096"},
+            "MAX_TOTAL_TOKENS=4096 but the model was compiled for sequence length 2048",
+        ),
+        ({"HF_NUM_CORES": "8"}, "HF_NUM_CORES=8 but the model was compiled for number of cores 2"),
+        (
+            {"HF_AUTO_CAST_TYPE": "fp16"},
+            "HF_AUTO_CAST_TYPE=fp16 but the model was compiled for dtype bf16",
+        ),
+    ],
+)
+def test_contradicting_compiled_shape(environ: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        read_settings([], environ, CompiledShape(4, 2048, 2, "bf16"))
+    assert fragment in str(info.value)
+
+
+def test_compiled_dtype_alias_matches() -> None:
+    settings = read_settings(
+        [], {"HF_AUTO_CAST_TYPE": "bfloat16"}, CompiledShape(4, 2048, 2, "bf16")
+    )
+    assert settings.auto_cast_type == "bf16"
+
+
+def test_secrets_redacted() -> None:
+    settings = read_settings(["--api-key", "k-123"], {"HF_TOKEN": "hf_secret"})
+    assert settings.hf_token == "hf_secret"
+    shown = f"{settings!r} {settings.describe()}"
+    assert "hf_secret" not in shown and "k-123" not in shown
+    assert settings.describe()["hf_token"] == "<redacted>"
+
+
+def test_conflicting_secret_not_printed() -> None:
+    with pytest.raises(ConfigError) as info:
+        read_settings([], {"HF_TOKEN": "hf_aaa", "HUGGING_FACE_HUB_TOKEN": "hf_bbb"})
+    assert "hf_aaa" not in str(info.value) and "hf_bbb" not in str(info.value)
+    assert "HF_TOKEN=<redacted>" in str(info.value)
+
+
+def test_effective_configuration_logged_once_without_secrets(caplog) -> None:
+    from handler.__main__ import log_settings
+
+    settings = read_settings(
+        ["--api-key", "k-123"], {"HF_TOKEN": "hf_secret", "HF_BATCH_SIZE": "2"}
+    )
+    with caplog.at_level("INFO", logger="handler"):
+        log_settings(settings)
+    lines = [r.getMessage() for r in caplog.records if "effective configuration" in r.getMessage()]
+    assert len(lines) == 1
+    assert "max_batch_size=2" in lines[0] and "hf_token=<redacted>" in lines[0]
+    assert "hf_secret" not in caplog.text and "k-123" not in caplog.text

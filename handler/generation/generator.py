@@ -83,7 +83,7 @@ class Generator:
             shape.batch_size * shape.sequence_length
         )
         self.slots = [Slot(i) for i in range(shape.batch_size)]
-        self.selector = TokenSelector(shape.batch_size, shape.vocab_size)
+        self.selector = TokenSelector(shape.batch_size, shape.vocab_size, shape.sequence_length)
         self._cond = threading.Condition()
         self._waiting: deque[RequestHandle] = deque()
         self._in_flight = 0

@@ -5,11 +5,13 @@ call handles every active slot with tensor operations over `[n, vocab]`, in TGI'
 repetition penalty, frequency/presence penalties, temperature, top-k, top-p, typical-p, then a
 greedy argmax or a draw from the row's own seeded `torch.Generator`.
 
-Top-k and top-p only need each row's threshold value, found on the row's `CANDIDATES` largest
-logits (`topk`) instead of a full-vocabulary sort; a row whose nucleus is wider than that falls
-back to an exact sort. Sampling draws one uniform number per row and inverts the cumulative
-distribution in vocabulary order, so the draw depends only on the row's own generator and
-distribution: a seeded request gives the same tokens alone or in a full batch.
+Full-vocabulary passes are what cost, so there are few of them: penalties touch only the tokens
+a row has seen (gathered from a `[batch, sequence_length]` table of seen ids), log-probabilities
+come from one `logsumexp`, and a row with top-k or top-p samples among its `CANDIDATES` largest
+logits (`topk`) instead of sorting the vocabulary; a row whose nucleus is wider than that falls
+back to an exact full sort. Sampling draws one uniform number per row and inverts the row's
+cumulative distribution, so the draw depends only on the row's own generator and distribution:
+a seeded request gives the same tokens alone or in a full batch.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class Selection:
 class TokenSelector:
     """Holds per-slot parameters, generators and token counts; selects tokens for a step."""
 
-    def __init__(self, batch_size: int, vocab_size: int) -> None:
+    def __init__(self, batch_size: int, vocab_size: int, sequence_length: int = 4096) -> None:
         self.vocab_size = vocab_size
         self.params: list[SamplingParams | None] = [None] * batch_size
         self.generators: list[torch.Generator | None] = [None] * batch_size
@@ -84,9 +86,14 @@ class TokenSelector:
         self.repetition = torch.ones(batch_size)
         self.frequency = torch.zeros(batch_size)
         self.presence = torch.zeros(batch_size)
+        self.sequence_length = sequence_length
         self.counts: torch.Tensor | None = None
         """`[batch_size, vocab]` occurrences of each token in prompt + output, allocated on first
         use of a penalty."""
+        self.seen: torch.Tensor | None = None
+        """`[batch_size, sequence_length]` distinct token ids each row has seen (first
+        `seen_len[row]` entries; the rest repeat the first one)."""
+        self.seen_len = torch.zeros(batch_size, dtype=torch.long)
 
     def assign(self, slot: int, params: SamplingParams, prompt_ids: list[int]) -> int | None:
         """Set up a slot for a request; return the seed used when it samples."""
@@ -106,74 +113,146 @@ class TokenSelector:
         self.presence[slot] = params.presence_penalty
         if params.penalized:
             if self.counts is None:
-                self.counts = torch.zeros(len(self.params), self.vocab_size)
+                batch = len(self.params)
+                self.counts = torch.zeros(batch, self.vocab_size)
+                self.seen = torch.zeros(batch, self.sequence_length + 1, dtype=torch.long)
             prompt = torch.tensor(prompt_ids, dtype=torch.long).clamp_(0, self.vocab_size - 1)
             self.counts[slot] = torch.bincount(prompt, minlength=self.vocab_size)[: self.vocab_size]
+            distinct = prompt.unique()
+            self.seen[slot] = distinct[0]
+            self.seen[slot, : distinct.numel()] = distinct
+            self.seen_len[slot] = distinct.numel()
         return seed
 
     def release(self, slot: int) -> None:
         self.params[slot] = None
         self.generators[slot] = None
 
+    @torch.inference_mode()
     def select(self, logits: torch.Tensor, slots: list[int]) -> Selection:
         """Choose one token per row. logits: `[n, vocab]` float32, row i belongs to `slots[i]`."""
         params = [self.params[s] for s in slots]
         index = torch.tensor(slots, dtype=torch.long)
         logits = logits[:, : self.vocab_size].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        scores = self._penalize(logits, index, params)
+        normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)  # [n, 1]
+        penalized = self.counts is not None and any(p.penalized for p in params)
+        # Penalties are applied in place on the seen positions and undone afterwards: cheaper
+        # than copying `[n, vocab]`, and the log-probabilities below need the raw logits.
+        restore = self._penalize(logits, index) if penalized else None
         sampled_rows = [i for i, p in enumerate(params) if p.sampling]
         if len(sampled_rows) == len(params):
-            ids = self._sample(scores, index, slots)
+            ids = self._sample(logits, index, slots)
         else:
-            ids = scores.argmax(dim=-1)
+            ids = logits.argmax(dim=-1)
             if sampled_rows:
                 rows = torch.tensor(sampled_rows)
                 ids[rows] = self._sample(
-                    scores[rows], index[rows], [slots[i] for i in sampled_rows]
+                    logits[rows], index[rows], [slots[i] for i in sampled_rows]
                 )
-        if self.counts is not None and any(p.penalized for p in params):
-            self.counts[index, ids] += 1
-        chosen = logprobs.gather(1, ids[:, None])[:, 0]
+        if restore is not None:
+            logits.scatter_(1, *restore)
+            self._observe(index, ids)
+        chosen = (logits.gather(1, ids[:, None]) - normalizer)[:, 0]
         top: list[list[tuple[int, float]]] = [[] for _ in params]
         top_n = max(p.top_n_tokens for p in params)
         if top_n:
-            values, indices = logprobs.topk(top_n, dim=-1)
-            values, indices = values.tolist(), indices.tolist()
+            values, indices = logits.topk(top_n, dim=-1)
+            values, indices = (values - normalizer).tolist(), indices.tolist()
             for i, p in enumerate(params):
                 n = p.top_n_tokens
                 top[i] = list(zip(indices[i][:n], values[i][:n]))
         return Selection(ids=ids.tolist(), logprobs=chosen.tolist(), top=top)
 
     def _penalize(
-        self, logits: torch.Tensor, index: torch.Tensor, params: list[SamplingParams]
-    ) -> torch.Tensor:
-        if self.counts is None or not any(p.penalized for p in params):
-            return logits
-        counts = self.counts[index]
-        seen = counts > 0
+        self, scores: torch.Tensor, index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply repetition, frequency and presence penalties in place on each row's seen tokens
+        only. Returns `(positions, raw values)` to restore the scores with `scatter_`."""
+        width = int(self.seen_len[index].max())
+        seen = self.seen[index, :width]  # [n, width]; padding repeats a real id
+        counts = self.counts[index[:, None], seen]
+        raw = scores.gather(1, seen)
+        values = raw
         repetition = self.repetition[index][:, None]
         # Like transformers: divide positive scores by the penalty, multiply negative ones.
-        penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
-        logits = torch.where(seen, penalized, logits)
-        logits = logits - self.frequency[index][:, None] * counts
-        return logits - self.presence[index][:, None] * seen
+        values = torch.where(values > 0, values / repetition, values * repetition)
+        values = values - self.frequency[index][:, None] * counts
+        values = values - self.presence[index][:, None] * (counts > 0)
+        scores.scatter_(1, seen, values)
+        return seen, raw
+
+    def _observe(self, index: torch.Tensor, ids: torch.Tensor) -> None:
+        """Count the chosen tokens; record the ones a row had not seen yet."""
+        new = self.counts[index, ids] == 0
+        self.counts[index, ids] += 1
+        if bool(new.any()):
+            rows = index[new]
+            self.seen[rows, self.seen_len[rows]] = ids[new]
+            self.seen_len[rows] += 1
 
     def _sample(self, scores: torch.Tensor, index: torch.Tensor, slots: list[int]) -> torch.Tensor:
         """Draw one token per row from the warped distribution. scores: `[m, vocab]`."""
-        scores = scores / self.temperature[index][:, None]
-        top_k = self.top_k[index]
-        top_p = self.top_p[index]
-        typical_p = self.typical_p[index]
-        if bool((top_k > 0).any() | (top_p < 1).any()):
-            scores = self._truncate(scores, top_k, top_p)
-        typical_rows = (typical_p < 1).nonzero()[:, 0]
-        if typical_rows.numel():
-            scores[typical_rows] = _typical(scores[typical_rows], typical_p[typical_rows])
-        cdf = torch.softmax(scores, dim=-1).cumsum_(dim=-1)
         uniform = torch.stack([torch.rand((), generator=self.generators[s]) for s in slots])
-        ids = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)[:, 0]
-        return ids.clamp_(max=scores.shape[-1] - 1)
+        temperature = self.temperature[index]
+        top_k, top_p, typical_p = self.top_k[index], self.top_p[index], self.typical_p[index]
+        ids = torch.empty(len(slots), dtype=torch.long)
+        truncated = ((top_k > 0) | (top_p < 1)) & (typical_p >= 1)
+        full = (~truncated).nonzero()[:, 0]
+        rows = truncated.nonzero()[:, 0]
+        if rows.numel():
+            # Index rows only when they are a subset: `scores[rows]` copies `[m, vocab]`.
+            subset = scores if rows.numel() == len(slots) else scores[rows]
+            picked, covered = self._sample_candidates(
+                subset, temperature[rows], top_k[rows], top_p[rows], uniform[rows]
+            )
+            ids[rows] = picked
+            full = torch.cat([full, rows[~covered]])
+        if full.numel():
+            subset = scores if full.numel() == len(slots) else scores[full]
+            warped = subset / temperature[full][:, None]
+            if bool(((top_k[full] > 0) | (top_p[full] < 1)).any()):
+                warped = self._truncate(warped, top_k[full], top_p[full])
+            typical = (typical_p[full] < 1).nonzero()[:, 0]
+            if typical.numel():
+                warped[typical] = _typical(warped[typical], typical_p[full][typical])
+            cdf = torch.softmax(warped, dim=-1).cumsum_(dim=-1)
+            ids[full] = _invert(cdf, uniform[full])
+        return ids
+
+    def _sample_candidates(
+        self,
+        scores: torch.Tensor,
+        temperature: torch.Tensor,
+        top_k: torch.Tensor,
+        top_p: torch.Tensor,
+        uniform: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k/top-p sampling among each row's largest logits. scores: `[m, vocab]`.
+
+        Returns the chosen ids `[m]` and whether each row's kept set fit in the candidates.
+        """
+        vocab = scores.shape[-1]
+        # Rows with a top-k need only their k largest; rows with top-p alone need a margin.
+        widest = int(top_k.max()) if bool((top_k > 0).all()) else max(CANDIDATES, int(top_k.max()))
+        k = min(vocab, widest)
+        values, candidates = scores.topk(k, dim=-1)  # [m, k], descending
+        values = values / temperature[:, None]
+        rank = torch.arange(k)[None, :]
+        in_top_k = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+        kept = values.masked_fill(~in_top_k, float("-inf"))
+        # Probabilities after top-k: normalised over the top-k set, else over the vocabulary.
+        norm = torch.logsumexp(kept, dim=-1)
+        whole = (top_k <= 0) & (top_p < 1)
+        if bool(whole.any()):
+            scaled = scores[whole] / temperature[whole][:, None]
+            norm[whole] = torch.logsumexp(scaled, dim=-1)
+        probs = torch.exp(kept - norm[:, None])
+        before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely candidates
+        keep = (before < top_p[:, None]) & in_top_k
+        keep[:, 0] = True
+        covered = (top_k > 0) | (before[:, -1] + probs[:, -1] >= top_p)
+        cdf = (probs * keep).cumsum_(dim=-1)
+        return candidates.gather(1, _invert(cdf, uniform)[:, None])[:, 0], covered
 
     def _truncate(
         self, scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
@@ -203,6 +282,13 @@ class TokenSelector:
         for row in (~covered).nonzero()[:, 0].tolist():
             out[row] = _exact_truncate(scores[row], int(top_k[row]), float(top_p[row]))
         return out
+
+
+def _invert(cdf: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row's unnormalised cumulative distribution `[m, width]`."""
+    target = (uniform * cdf[:, -1])[:, None]
+    index = torch.searchsorted(cdf, target, right=True)[:, 0]
+    return index.clamp_(max=cdf.shape[-1] - 1)
 
 
 def _exact_truncate(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

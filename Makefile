@@ -33,4 +33,4 @@ serve: install test-model
 	$(PYTHON) -m handler serve $(ARGS)
 
 bench-engine: install test-model
-	$(PYTHON) -m benchmarks.engine --out benchmarks/results/engine.json
+	$(PYTHON) -m benchmarks.engine --repeats 3 --out benchmarks/results/engine.json

@@ -22,6 +22,7 @@ class IncrementalDetokenizer:
         self.ids = list(prompt_ids[-CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
+        self.prefix_text = self._decode(self.ids)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
@@ -31,10 +32,13 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add a generated token; return the new printable text (possibly empty)."""
         self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         text = self._decode(self.ids[self.prefix_offset :])
-        if len(text) > len(prefix) and not text.endswith(REPLACEMENT):
+        if len(text) > len(self.prefix_text) and not text.endswith(REPLACEMENT):
+            piece = text[len(self.prefix_text) :]
+            # The decoded prefix only changes when the offsets move: keep it instead of decoding
+            # it again at every token.
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
-            return text[len(prefix) :]
+            self.prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+            return piece
         return ""

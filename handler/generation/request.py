@@ -6,7 +6,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from handler.errors import GenerationError, ServingError
@@ -78,7 +78,7 @@ Event = TokenEvent | FinalEvent | ErrorEvent
 class RequestHandle:
     """The caller's side of a submitted request: iterate events, or cancel."""
 
-    def __init__(self, request: GenerationRequest, on_cancel: callable) -> None:
+    def __init__(self, request: GenerationRequest, on_cancel: Callable[[], None]) -> None:
         self.request = request
         self.submitted_at = time.monotonic()
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()

@@ -44,6 +44,7 @@ class StoppingCriteria:
             window = self.text[max(0, start - longest + 1) :]
             if any(stop in window for stop in self.stop_sequences):
                 return FinishReason.STOP_SEQUENCE
+            self.text = self.text[-longest:]  # only a tail can still start a stop sequence
         if generated >= self.max_new_tokens or total >= self.max_total_tokens:
             return FinishReason.LENGTH
         return None

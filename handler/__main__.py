@@ -1,7 +1,8 @@
 """Command line: `python -m handler serve [flags]` and `python -m handler generate PROMPT [flags]`.
 
-`serve` is what SageMaker runs (`docker run IMAGE serve`). The HTTP server is not built yet:
-until then `serve` validates the configuration and exits with a message saying so.
+`serve` is what SageMaker runs (`docker run IMAGE serve`): gunicorn with one worker that owns
+the model (see `handler.server.launcher`). Configuration errors stop start-up with exit status 2
+before anything is loaded.
 """
 
 from __future__ import annotations
@@ -62,10 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "generate":
         return generate(prompt, settings)
     if command == "serve":
-        sys.stderr.write(
-            "The HTTP server is not available yet (tracked as the HTTP serving issue).\n"
-        )
-        return 3
+        from handler.server.launcher import serve
+
+        return serve(settings)
     sys.stderr.write(f"Unknown command {command!r}: use serve or generate\n")
     return 2
 

@@ -103,6 +103,8 @@ class Settings:
     sm_num_gpus: int | None = None
     """Set by SageMaker GPU snippets; meaningless here, accepted and ignored."""
     log_level: str = "INFO"
+    shutdown_grace: float = 20.0
+    """Seconds running generations get to finish after SIGTERM; SageMaker kills at 30 s."""
 
     def describe(self) -> dict[str, Any]:
         """All fields, secrets redacted: what start-up logs."""
@@ -169,6 +171,16 @@ def _choice(choices: Sequence[str]) -> Callable[[str], str]:
         return value
 
     return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not 0 <= value < 3600:
+        raise ValueError("must be between 0 and 3600 seconds")
+    return value
 
 
 def _port(text: str) -> int:
@@ -252,6 +264,7 @@ OPTIONS = (
     _Option("custom_cache_repo", (), ("CUSTOM_CACHE_REPO",)),
     _Option("sm_num_gpus", (), ("SM_NUM_GPUS",), _int),
     _Option("log_level", ("--log-level",), ("LOG_LEVEL",), lambda s: s.strip().upper()),
+    _Option("shutdown_grace", ("--shutdown-grace",), ("SHUTDOWN_GRACE_SECONDS",), _seconds),
 )
 _BOOL_FLAGS = {"trust_remote_code"}
 

@@ -67,4 +67,4 @@ class UnavailableError(ServerError):
     """The server is loading, draining or its scheduler died (503)."""
 
     status = 503
-    error_type = "unhealthy"
+    error_type = "healthcheck"

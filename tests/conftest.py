@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -66,3 +74,95 @@ def reference_greedy(
             pad_token_id=model.generation_config.pad_token_id or 0,
         )
     return output[0, len(prompt_ids) :].tolist()
+
+
+# --- the real server ---------------------------------------------------------------------------
+
+
+@dataclass
+class RunningServer:
+    """A `python -m handler serve` process (gunicorn) on a free local port."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if requests.get(f"{self.url}/ping", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_server(
+    model_dir: Path, log_dir: Path, *args: str, wait: bool = True, **env: str
+) -> RunningServer:
+    """Start the server on SmolLM2 (4 slots of 512 tokens unless `env` says otherwise)."""
+    port = free_port()
+    environ = {
+        **os.environ,
+        "MAX_BATCH_SIZE": "4",
+        "MAX_TOTAL_TOKENS": "512",
+        "SHUTDOWN_GRACE_SECONDS": "10",
+        **env,
+    }
+    log_path = log_dir / f"server-{port}.log"
+    command = [sys.executable, "-m", "handler", "serve", "--model-id", str(model_dir)]
+    command += ["--hostname", "127.0.0.1", "--port", str(port), *args]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, env=environ, stdout=log, stderr=subprocess.STDOUT)
+    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
+    if wait:
+        server.wait_ready()
+    return server
+
+
+@pytest.fixture(scope="session")
+def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One real server shared by the end-to-end tests that leave it as they found it."""
+    running = launch_server(smollm2_dir, tmp_path_factory.mktemp("server"))
+    yield running
+    assert running.stop() == 0, running.log()
+
+
+@pytest.fixture(scope="session")
+def golden(reference_model: AutoModelForCausalLM, tokenizer: PreTrainedTokenizerBase):
+    """`golden(prompt, n)`: the text `transformers` greedy `generate` gives for `prompt`."""
+    cache: dict[tuple[str, int], str] = {}
+
+    def answer(prompt: str, max_new_tokens: int) -> str:
+        key = (prompt, max_new_tokens)
+        if key not in cache:
+            ids = tokenizer(prompt).input_ids
+            out = reference_greedy(reference_model, ids, max_new_tokens)
+            # The server drops a final incomplete character instead of printing U+FFFD.
+            cache[key] = tokenizer.decode(out, skip_special_tokens=True).rstrip("\ufffd")
+        return cache[key]
+
+    return answer

@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -71,7 +72,10 @@ class Generator:
         eos_token_ids: frozenset[int],
         max_concurrent_requests: int = 128,
         max_batch_prefill_tokens: int | None = None,
+        on_step: Callable[[str, int, float], None] | None = None,
     ) -> None:
+        """`on_step(method, batch_size, seconds)` is called after each successful `prefill` or
+        `decode` step (metrics)."""
         self.backend = backend
         self.tokenizer = tokenizer
         shape = backend.shape
@@ -92,6 +96,7 @@ class Generator:
         self._thread: threading.Thread | None = None
         self.failure: str | None = None
         self._token_text: dict[int, str] = {}
+        self._on_step = on_step
 
     # --- caller side (any thread) ------------------------------------------------------------
 
@@ -226,6 +231,7 @@ class Generator:
     def _prefill(self, slots: list[Slot]) -> None:
         requests = [slot.handle.request for slot in slots]
         seq_ids = [slot.index for slot in slots]
+        started = time.monotonic()
         try:
             output = self.backend.prefill(
                 [r.prompt_ids for r in requests],
@@ -236,6 +242,7 @@ class Generator:
         except Exception as exc:
             self._fail(slots, "prefill", exc)
             return
+        self._observe("prefill", len(slots), started)
         for i, slot in enumerate(slots):
             slot.prefilled()
             if output.prompt_logits[i] is not None:
@@ -249,13 +256,19 @@ class Generator:
         seq_ids = [slot.index for slot in slots]
         input_ids = torch.tensor([slot.generated[-1] for slot in slots], dtype=torch.long)
         positions = torch.tensor([slot.total_tokens - 1 for slot in slots], dtype=torch.long)
+        started = time.monotonic()
         try:
             logits = self.backend.decode(input_ids, positions, seq_ids)
             selection = self.selector.select(logits, seq_ids)
         except Exception as exc:
             self._fail(slots, "decode", exc)
             return
+        self._observe("decode", len(slots), started)
         self._emit(slots, selection)
+
+    def _observe(self, method: str, batch_size: int, started: float) -> None:
+        if self._on_step is not None:
+            self._on_step(method, batch_size, time.monotonic() - started)
 
     def _text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
@@ -282,7 +295,7 @@ class Generator:
             piece, reason = slot.append(token_id, special)
             token = Token(token_id, self._text(token_id) if special else piece, logprob, special)
             top_tokens = [Token(i, self._text(i), lp, i in self.special_ids) for i, lp in top]
-            slot.handle.put(TokenEvent(token, top_tokens))
+            slot.handle.put(TokenEvent(token, top_tokens, last=reason is not None))
             if reason is not None:
                 self._finish(slot, reason)
 

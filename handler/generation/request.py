@@ -10,10 +10,46 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from handler.errors import GenerationError, ServingError
-from handler.generation.sampling import SamplingParams
 from handler.generation.stopping import FinishReason
 
 _ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request token choice parameters (TGI generate parameters)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    """0: off."""
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    top_n_tokens: int = 0
+    """Alternatives reported with each token (their log-probabilities)."""
+
+    @property
+    def sampling(self) -> bool:
+        """TGI samples when asked, or when any distribution warper is set."""
+        return (
+            self.do_sample
+            or self.temperature != 1.0
+            or self.top_k > 0
+            or self.top_p < 1.0
+            or self.typical_p < 1.0
+        )
+
+    @property
+    def penalized(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
 
 
 @dataclass
@@ -46,6 +82,8 @@ class TokenEvent:
 
     token: Token
     top_tokens: list[Token]
+    last: bool = False
+    """True when this token ends the request: its `FinalEvent` follows at once."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +135,13 @@ class RequestHandle:
 
     def put(self, event: Event) -> None:
         self._events.put(event)
+
+    def poll(self, timeout: float) -> Event | None:
+        """The next event, or None when none arrives within `timeout` seconds."""
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
 
     def events(self, timeout: float | None = None) -> Iterator[Event]:
         """Yield events until the final or error event. `timeout` bounds each wait."""

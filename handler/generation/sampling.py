@@ -21,44 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
+from handler.generation.request import SamplingParams
+
+__all__ = ["CANDIDATES", "SamplingParams", "Selection", "TokenSelector"]
+
 CANDIDATES = 256
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request token choice parameters (TGI generate parameters)."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    """0: off."""
-    top_p: float = 1.0
-    typical_p: float = 1.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    seed: int | None = None
-    top_n_tokens: int = 0
-    """Alternatives reported with each token (their log-probabilities)."""
-
-    @property
-    def sampling(self) -> bool:
-        """TGI samples when asked, or when any distribution warper is set."""
-        return (
-            self.do_sample
-            or self.temperature != 1.0
-            or self.top_k > 0
-            or self.top_p < 1.0
-            or self.typical_p < 1.0
-        )
-
-    @property
-    def penalized(self) -> bool:
-        return (
-            self.repetition_penalty != 1.0
-            or self.frequency_penalty != 0.0
-            or self.presence_penalty != 0.0
-        )
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Deployment helpers: a local SageMaker runtime stand-in and example endpoint clients."""

@@ -1,0 +1,1 @@
+"""Wire formats: TGI, OpenAI and SageMaker requests in, responses and streams out."""

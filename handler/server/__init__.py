@@ -1,0 +1,1 @@
+"""The HTTP server: Flask routes, server state, metrics, and the gunicorn launcher."""

@@ -104,6 +104,12 @@ class Settings:
     """Set by SageMaker GPU snippets; meaningless here, accepted and ignored."""
     log_level: str = "INFO"
     shutdown_grace: float = 20.0
+    compile_on_start: bool = False
+    """Allow a Neuron export with no hub-cached artifacts at start-up (`--compile-on-start`,
+    `NEURON_COMPILE_ON_START`). Off: such a compile can outlast the health-check window."""
+    export_cache: str | None = None
+    """Where exported Neuron models are saved and found again (`--export-cache`,
+    `NEURON_EXPORT_CACHE`); default `neuron-exports` under the hub cache (`/data` in the image)."""
     """Seconds running generations get to finish after SIGTERM; SageMaker kills at 30 s."""
 
     def describe(self) -> dict[str, Any]:
@@ -265,8 +271,10 @@ OPTIONS = (
     _Option("sm_num_gpus", (), ("SM_NUM_GPUS",), _int),
     _Option("log_level", ("--log-level",), ("LOG_LEVEL",), lambda s: s.strip().upper()),
     _Option("shutdown_grace", ("--shutdown-grace",), ("SHUTDOWN_GRACE_SECONDS",), _seconds),
+    _Option("compile_on_start", ("--compile-on-start",), ("NEURON_COMPILE_ON_START",), _bool),
+    _Option("export_cache", ("--export-cache",), ("NEURON_EXPORT_CACHE",)),
 )
-_BOOL_FLAGS = {"trust_remote_code"}
+_BOOL_FLAGS = {"trust_remote_code", "compile_on_start"}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -29,8 +29,12 @@ format: install
 test: install test-model lint
 	$(PYTHON) -m pytest
 
+# Without a model named (flag or HF_MODEL_ID / MODEL_ID), serve the bundled SmolLM2 test model.
+BUNDLED = $(if $(or $(HF_MODEL_ID),$(MODEL_ID),$(findstring --model-id,$(ARGS))),,\
+	--model-id "$$($(PYTHON) -m handler.testing.smollm2)")
+
 serve: install test-model
-	$(PYTHON) -m handler serve $(ARGS)
+	$(PYTHON) -m handler serve $(BUNDLED) $(ARGS)
 
 bench-engine: install test-model
 	$(PYTHON) -m benchmarks.engine --repeats 3 --out benchmarks/results/engine.json

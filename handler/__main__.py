@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "serve":
         from handler.server.launcher import serve
 
-        return serve(settings)
+        return serve(settings, argv, dict(os.environ))
     sys.stderr.write(f"Unknown command {command!r}: use serve or generate\n")
     return 2
 

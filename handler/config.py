@@ -107,6 +107,10 @@ class Settings:
     compile_on_start: bool = False
     """Allow a Neuron export with no hub-cached artifacts at start-up (`--compile-on-start`,
     `NEURON_COMPILE_ON_START`). Off: such a compile can outlast the health-check window."""
+    neuron_rt_num_cores: int | None = None
+    """`NEURON_RT_NUM_CORES`: how many Neuron cores the runtime may take."""
+    neuron_rt_visible_cores: str | None = None
+    """`NEURON_RT_VISIBLE_CORES`: which cores (`3`, `0-3`, `0,2,4-5`) the runtime may take."""
     export_cache: str | None = None
     """Where exported Neuron models are saved and found again (`--export-cache`,
     `NEURON_EXPORT_CACHE`); default `neuron-exports` under the hub cache (`/data` in the image)."""
@@ -273,6 +277,8 @@ OPTIONS = (
     _Option("shutdown_grace", ("--shutdown-grace",), ("SHUTDOWN_GRACE_SECONDS",), _seconds),
     _Option("compile_on_start", ("--compile-on-start",), ("NEURON_COMPILE_ON_START",), _bool),
     _Option("export_cache", ("--export-cache",), ("NEURON_EXPORT_CACHE",)),
+    _Option("neuron_rt_num_cores", (), ("NEURON_RT_NUM_CORES",), _positive_int),
+    _Option("neuron_rt_visible_cores", (), ("NEURON_RT_VISIBLE_CORES",)),
 )
 _BOOL_FLAGS = {"trust_remote_code", "compile_on_start"}
 

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
-from handler.config import Settings
+from handler.config import Settings, read_settings
 from handler.errors import ConfigError
 from handler.generation.generator import Generator, eos_token_ids
 from handler.generation.request import GenerationRequest
 from handler.model.base import ModelBackend
+from handler.model.resolve import ResolvedModel, choose_backend, resolve_model
 from handler.model.torch_backend import TorchBackend
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class Engine:
     """What `/info` and `/v1/models` report: the configured id, else the directory name."""
     device: str
     dtype: str
+    backend_name: str = "torch"
 
 
 def torch_device(requested: str) -> str:
@@ -46,28 +48,22 @@ def torch_dtype(settings: Settings, device: str) -> str:
     return settings.auto_cast_type or ("fp32" if device == "cpu" else "bf16")
 
 
-def build_torch_engine(
+def assemble(
     settings: Settings,
-    model_path: str | Path,
+    backend: ModelBackend,
+    tokenizer_path: str | Path,
+    *,
+    model_id: str,
+    backend_name: str,
     start: bool = True,
     on_step: Callable[[str, int, float], None] | None = None,
 ) -> Engine:
-    """Load tokenizer and model with the torch backend and start the scheduler thread."""
-    device = torch_device(settings.device)
-    dtype = torch_dtype(settings, device)
+    """Tokenizer, EOS ids and the generator around a loaded backend; starts the scheduler."""
     tokenizer = AutoTokenizer.from_pretrained(
-        model_path, trust_remote_code=settings.trust_remote_code
-    )
-    backend = TorchBackend.from_pretrained(
-        model_path,
-        batch_size=settings.max_batch_size,
-        sequence_length=settings.max_total_tokens,
-        dtype=dtype,
-        device=device,
-        trust_remote_code=settings.trust_remote_code,
+        tokenizer_path, trust_remote_code=settings.trust_remote_code
     )
     try:
-        generation_config = GenerationConfig.from_pretrained(model_path)
+        generation_config = GenerationConfig.from_pretrained(tokenizer_path)
     except OSError:
         generation_config = None
     generator = Generator(
@@ -78,46 +74,93 @@ def build_torch_engine(
         max_batch_prefill_tokens=settings.max_batch_prefill_tokens,
         on_step=on_step,
     )
+    shape = backend.shape
     logger.info(
-        "torch backend on %s (%s), %d slots of %d tokens",
-        device,
-        dtype,
-        settings.max_batch_size,
-        settings.max_total_tokens,
+        "%s backend on %s (%s), %d slots of %d tokens",
+        backend_name,
+        shape.device,
+        shape.dtype,
+        shape.batch_size,
+        shape.sequence_length,
     )
     if start:
         generator.start()
-    model_id = settings.model_id or Path(model_path).name
-    return Engine(settings, tokenizer, backend, generator, model_id, device, dtype)
+    return Engine(
+        settings, tokenizer, backend, generator, model_id, shape.device, shape.dtype, backend_name
+    )
 
 
-def resolve_model(settings: Settings) -> Path:
-    """The model directory: `--model-id` as a local directory or hub id, else the bundled
-    SmolLM2 test model. Hub ids are downloaded (or found in the cache) with `huggingface_hub`."""
-    if settings.model_id is None:
-        from handler.testing.smollm2 import ensure_model
+def build_torch_engine(
+    settings: Settings,
+    model_path: str | Path,
+    start: bool = True,
+    on_step: Callable[[str, int, float], None] | None = None,
+    model_id: str | None = None,
+) -> Engine:
+    """Load the model with the torch backend and start the scheduler thread.
+    `model_id` is what `/info` reports (default: the directory name)."""
+    device = torch_device(settings.device)
+    backend = TorchBackend.from_pretrained(
+        model_path,
+        batch_size=settings.max_batch_size,
+        sequence_length=settings.max_total_tokens,
+        dtype=torch_dtype(settings, device),
+        device=device,
+        trust_remote_code=settings.trust_remote_code,
+    )
+    return assemble(
+        settings,
+        backend,
+        model_path,
+        model_id=model_id or Path(model_path).name,
+        backend_name="torch",
+        start=start,
+        on_step=on_step,
+    )
 
-        return ensure_model()
-    local = Path(settings.model_id)
-    if local.is_dir():
-        return local
-    from huggingface_hub import snapshot_download
 
-    try:
-        return Path(
-            snapshot_download(
-                settings.model_id,
-                revision=settings.revision,
-                token=settings.hf_token,
-                cache_dir=settings.hub_cache,
-                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
-            )
-        )
-    except Exception as exc:
-        raise ConfigError(
-            f"Could not get model {settings.model_id!r} from the Hugging Face hub "
-            f"({type(exc).__name__}): check the id, HF_TOKEN for gated models, and network access"
-        ) from None
+def build_neuron_engine(
+    settings: Settings,
+    model: ResolvedModel,
+    report: Callable[[str], None],
+    argv: Sequence[str],
+    environ: Mapping[str, str],
+    on_step: Callable[[str, int, float], None] | None = None,
+) -> Engine:
+    """Load an exported Neuron model, or export one (in a separate process), then serve it.
+
+    The compiled shapes become the settings' defaults; a setting that contradicts them stops
+    start-up (`read_settings` names both values)."""
+    from handler.model import neuron_loader
+    from handler.model.neuron_backend import NeuronBackend
+
+    cores = neuron_loader.available_cores(
+        settings.neuron_rt_num_cores, settings.neuron_rt_visible_cores
+    )
+    # A hub model is exported from its id (the export keeps a reference, not a copy).
+    source = model.model_id if model.revision is not None else model.path
+    report("compiling")
+    prepared = neuron_loader.prepare_neuron_model(
+        settings,
+        source,
+        model.revision,
+        cores_available=cores,
+        environ=environ,
+        visible_cores_spec=settings.neuron_rt_visible_cores,
+    )
+    settings = read_settings(argv, environ, compiled=prepared.shape)
+    report("loading")
+    neuron_model = neuron_loader.load_neuron_model(
+        prepared.model, revision=prepared.revision, token=settings.hf_token
+    )
+    return assemble(
+        settings,
+        NeuronBackend(neuron_model),
+        model.path,
+        model_id=model.model_id,
+        backend_name="neuron",
+        on_step=on_step,
+    )
 
 
 def warm_up(engine: Engine) -> None:
@@ -131,13 +174,20 @@ def load_engine(
     settings: Settings,
     report: Callable[[str], None],
     on_step: Callable[[str, int, float], None] | None = None,
+    argv: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
 ) -> Engine:
-    """Resolve, load and warm up, reporting each stage (`downloading`, `loading`, `warming_up`)
-    for the health checks."""
+    """Resolve, load and warm up, reporting each stage (`downloading`, `compiling`, `loading`,
+    `warming_up`) for the health checks. `argv`/`environ` re-read the settings with an
+    exported model's compiled shapes."""
     report("downloading")
-    path = resolve_model(settings)
-    report("loading")
-    engine = build_torch_engine(settings, path, on_step=on_step)
+    model = resolve_model(settings)
+    choice = choose_backend(settings)
+    if choice.name == "neuron":
+        engine = build_neuron_engine(settings, model, report, argv, environ or {}, on_step)
+    else:
+        report("loading")
+        engine = build_torch_engine(settings, model.path, on_step=on_step, model_id=model.model_id)
     report("warming_up")
     warm_up(engine)
     return engine

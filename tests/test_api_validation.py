@@ -79,3 +79,35 @@ def test_schema_errors_name_the_field(body: dict, named: str) -> None:
         parse(tgi.GenerateRequest, body)
     assert named in raised.value.message
     assert raised.value.message.startswith("Input validation error: ")
+
+
+@pytest.mark.parametrize(
+    ("parameters", "named"),
+    [
+        ({"seed": 3}, "seed"),
+        ({"repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"typical_p": 0.5}, "typical_p"),
+        ({"top_n_tokens": 2}, "top_n_tokens"),
+        ({"decoder_input_details": True}, "decoder_input_details"),
+    ],
+)
+def test_on_device_sampling_refuses_what_it_cannot_do(
+    ctx: ApiContext, parameters: dict, named: str
+) -> None:
+    on_device = ApiContext(ctx.settings, ctx.tokenizer, "m", 49152, on_device_sampling=True)
+    body = parse(tgi.GenerateRequest, {"inputs": "Hi", "parameters": parameters})
+    with pytest.raises(ValidationError) as raised:
+        tgi.validate(on_device, body, streaming=False)
+    assert f"`{named}` is not available" in raised.value.message
+    assert "on-device sampling" in raised.value.message
+    # Temperature, top-k and top-p are what on-device sampling takes.
+    fine = {"inputs": "Hi", "parameters": {"temperature": 0.7, "top_k": 5, "top_p": 0.9}}
+    assert tgi.validate(on_device, parse(tgi.GenerateRequest, fine), streaming=False)
+
+
+def test_on_device_sampling_refuses_openai_logprobs(ctx: ApiContext) -> None:
+    on_device = ApiContext(ctx.settings, ctx.tokenizer, "m", 49152, on_device_sampling=True)
+    body = {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True}
+    with pytest.raises(ValidationError, match="`logprobs` is not available"):
+        openai.validate_chat(on_device, parse(openai.ChatCompletionRequest, body))

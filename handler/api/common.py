@@ -36,6 +36,8 @@ class ApiContext:
     tokenizer: PreTrainedTokenizerBase
     model_id: str
     vocab_size: int
+    on_device_sampling: bool = False
+    """The model samples on the device (Neuron): no seeds, penalties, typical-p or logprobs."""
 
 
 def parse(schema: type[Schema], body: Any) -> Schema:
@@ -132,6 +134,18 @@ def sampling_params(
         )
     if seed is not None and not 0 <= seed < 2**64:
         raise ValidationError("`seed` must be an integer between 0 and 2^64 - 1")
+    if ctx.on_device_sampling:
+        unavailable = {
+            "seed": seed is not None,
+            "repetition_penalty": repetition_penalty not in (None, 1.0),
+            "frequency_penalty": frequency_penalty not in (None, 0.0),
+            "presence_penalty": presence_penalty not in (None, 0.0),
+            "typical_p": typical_p is not None,
+            top_n_name: top_n > 0,
+        }
+        for name, used in unavailable.items():
+            if used:
+                raise on_device_sampling_error(name)
     return SamplingParams(
         do_sample=do_sample,
         temperature=temperature if temperature is not None else 1.0,
@@ -143,6 +157,13 @@ def sampling_params(
         presence_penalty=presence_penalty or 0.0,
         seed=seed,
         top_n_tokens=top_n,
+    )
+
+
+def on_device_sampling_error(name: str) -> ValidationError:
+    return ValidationError(
+        f"`{name}` is not available: this model was compiled with on-device sampling, which "
+        "only takes temperature, top_k and top_p. Export it without on-device sampling to use it"
     )
 
 

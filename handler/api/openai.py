@@ -22,6 +22,7 @@ from handler.api.common import (
     ApiContext,
     encode,
     finite,
+    on_device_sampling_error,
     request,
     sampling_params,
     sse,
@@ -181,6 +182,8 @@ def validate_chat(ctx: ApiContext, body: ChatCompletionRequest) -> Call:
         raise unsupported("response_format", ": constrained generation is not implemented")
     if body.top_logprobs is not None and not body.logprobs:
         raise ValidationError("`top_logprobs` needs `logprobs` set to true")
+    if body.logprobs and ctx.on_device_sampling:
+        raise on_device_sampling_error("logprobs")
     params = _sampling(ctx, body, top_n=body.top_logprobs or 0, top_n_name="top_logprobs")
     stops = stop_sequences(ctx, body.stop)
     prompt_ids = encode(ctx, render_chat(ctx, body), None, add_special_tokens=False)

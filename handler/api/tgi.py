@@ -18,6 +18,7 @@ from handler.api.common import (
     ApiContext,
     encode,
     finite,
+    on_device_sampling_error,
     request,
     sampling_params,
     sse,
@@ -98,6 +99,8 @@ def validate(ctx: ApiContext, body: GenerateRequest, streaming: bool) -> Generat
         raise unsupported("adapter_id", ": it serves one model without adapters")
     if params.decoder_input_details and streaming:
         raise ValidationError("`decoder_input_details` == true is not supported when streaming")
+    if params.decoder_input_details and ctx.on_device_sampling:
+        raise on_device_sampling_error("decoder_input_details")
     sampling = sampling_params(
         ctx,
         do_sample=params.do_sample,

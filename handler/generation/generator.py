@@ -87,6 +87,8 @@ class Generator:
             shape.batch_size * shape.sequence_length
         )
         self.slots = [Slot(i) for i in range(shape.batch_size)]
+        self.on_device_sampling = shape.on_device_sampling
+        """The model chooses tokens: no log-probabilities, top tokens or seeds to report."""
         self.selector = TokenSelector(shape.batch_size, shape.vocab_size, shape.sequence_length)
         self._cond = threading.Condition()
         self._waiting: deque[RequestHandle] = deque()
@@ -192,6 +194,9 @@ class Generator:
             slot = free[len(admitted)]
             request = handle.request
             seed = self.selector.assign(slot.index, request.params, request.prompt_ids)
+            self.backend.assign(slot.index, request.params)
+            if self.on_device_sampling:
+                seed = None
             stopping = StoppingCriteria(
                 request.max_new_tokens,
                 request.stop_sequences,
@@ -293,6 +298,8 @@ class Generator:
         ):
             special = token_id in self.special_ids
             piece, reason = slot.append(token_id, special)
+            if self.on_device_sampling:
+                logprob, top = None, []
             token = Token(token_id, self._text(token_id) if special else piece, logprob, special)
             top_tokens = [Token(i, self._text(i), lp, i in self.special_ids) for i, lp in top]
             slot.handle.put(TokenEvent(token, top_tokens, last=reason is not None))

@@ -5,6 +5,11 @@ It follows optimum-neuron's continuous-batching forward: the backend owns a stat
 `seq_ids` from scratch (prompts of different lengths at once) without touching the other rows;
 `decode` advances each named row by one token at its own position. Both return float32 logits
 for the last position of each row, in the order the rows were given.
+
+A model compiled with on-device sampling (`ModelShape.on_device_sampling`) chooses tokens itself:
+the generator tells the backend each slot's sampling parameters with `assign` when it admits a
+request, and the "logits" rows it gets back are -inf everywhere except 0.0 at the chosen id, so
+that token selection (greedy or sampling) picks exactly that id. No log-probabilities exist then.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from handler.generation.request import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,9 @@ class ModelShape:
     """Width of the logits."""
     device: str
     dtype: str
+    on_device_sampling: bool = False
+    """The model samples on the device and returns token ids, not logits: see the module
+    docstring. Seeds, penalties, typical_p and top-n log-probabilities are unavailable."""
 
 
 @dataclass
@@ -52,6 +62,11 @@ class ModelBackend(Protocol):
         want_prompt_logits: list[bool] | None = None,
     ) -> PrefillOutput:
         """Fill rows `seq_ids` with the given prompts (one list of token ids per row)."""
+        ...
+
+    def assign(self, slot: int, params: SamplingParams) -> None:
+        """Record the sampling parameters of the request admitted into `slot`, before its
+        prefill. Only a backend with on-device sampling uses them."""
         ...
 
     def decode(

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache
 
+from handler.generation.request import SamplingParams
 from handler.model.base import ModelShape, PrefillOutput
 
 logger = logging.getLogger(__name__)
@@ -182,6 +183,9 @@ class TorchBackend:
         return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
             ~allowed, self._min
         )
+
+    def assign(self, slot: int, params: SamplingParams) -> None:
+        """Nothing to do: tokens are chosen from the logits on the host."""
 
     @torch.inference_mode()
     def prefill(

@@ -182,11 +182,13 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
 
     def context() -> ApiContext:
         engine = state.require_engine()
+        shape = engine.backend.shape
         return ApiContext(
-            settings=settings,
+            settings=engine.settings,  # with the compiled shapes of an exported model
             tokenizer=engine.tokenizer,
             model_id=engine.model_id,
-            vocab_size=engine.backend.shape.vocab_size,
+            vocab_size=shape.vocab_size,
+            on_device_sampling=getattr(shape, "on_device_sampling", False),
         )
 
     def body() -> Any:
@@ -368,6 +370,8 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
     @app.get("/info")
     def info_route() -> Response:
         engine = state.engine
+        settings = engine.settings if engine else state.settings
+        shape = engine.backend.shape if engine else None
         return json_response(
             {
                 "model_id": engine.model_id if engine else settings.model_id,
@@ -386,9 +390,10 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
                 "docker_label": None,
                 "max_batch_size": settings.max_batch_size,
                 "max_batch_prefill_tokens": settings.max_batch_prefill_tokens,
-                "backend": "torch" if engine else None,
+                "backend": engine.backend_name if engine else None,
                 "device": engine.device if engine else None,
                 "dtype": engine.dtype if engine else None,
+                "on_device_sampling": getattr(shape, "on_device_sampling", False),
                 "status": state.stage.value,
             }
         )

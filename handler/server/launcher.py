@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -53,8 +54,12 @@ class DrainingWorker(ThreadWorker):
 
 
 class ServingApplication(BaseApplication):
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, argv: Sequence[str], environ: Mapping[str, str]) -> None:
+        """`argv` and `environ` are kept to read the settings again with the compiled shapes of
+        an exported Neuron model."""
         self.settings = settings
+        self.argv = list(argv)
+        self.environ = dict(environ)
         super().__init__()
 
     def load_config(self) -> None:
@@ -87,7 +92,9 @@ class ServingApplication(BaseApplication):
         def loader(state: ServerState) -> Any:
             from handler.engine import load_engine  # torch loads here, not before binding
 
-            engine = load_engine(settings, state.report, on_step=metrics.step)
+            engine = load_engine(
+                settings, state.report, on_step=metrics.step, argv=self.argv, environ=self.environ
+            )
             metrics.track(
                 lambda: engine.generator.queue_size, lambda: engine.generator.active_slots
             )
@@ -101,7 +108,7 @@ class ServingApplication(BaseApplication):
         return create_app(state, metrics)
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, argv: Sequence[str], environ: Mapping[str, str]) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status."""
-    ServingApplication(settings).run()
+    ServingApplication(settings, argv, environ).run()
     return 0

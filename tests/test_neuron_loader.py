@@ -1,0 +1,796 @@
+"""Neuron model preparation: every branch of `prepare_neuron_model`, without optimum-neuron.
+
+A fake `optimum.neuron` tree goes into `sys.modules`: one module per module of
+`neuron_loader.CONTRACT`, each exposing only the names the contract declares, each a recording
+fake that refuses keyword arguments the contract does not declare. The export process is a fake
+`subprocess.Popen` that writes what the real one would, except in the test that runs the real
+`python -m handler.model.neuron_export` up to its failure on this machine without optimum-neuron.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from handler.config import CompiledShape, ConfigError, Settings, read_settings
+from handler.model import neuron_export, neuron_loader
+from handler.model.neuron_loader import (
+    AVAILABLE_CORES,
+    CONTRACT,
+    EXPORT,
+    FROM_PRETRAINED,
+    GET_NEURON_CONFIG,
+    NEURON_CONFIG_FIELDS,
+    NEURON_MODEL,
+    READ_NEURON_CONFIG,
+    SAVE_PRETRAINED,
+    SELECT_CACHED,
+    ContractEntry,
+    available_cores,
+    check_cores,
+    compiled_shape,
+    export_dir,
+    export_key,
+    export_root,
+    is_exported,
+    load_neuron_model,
+    prepare_neuron_model,
+)
+
+MODEL = "acme/llama-3-8b"
+TOKEN = "hf_secret_token_value"
+
+
+# --- the fake optimum-neuron -------------------------------------------------------------------
+
+
+class FakeNeuronConfig:
+    """optimum-neuron's `NxDNeuronConfig`, limited to the attributes the contract declares."""
+
+    __slots__ = NEURON_CONFIG_FIELDS.attributes
+
+    def __init__(self, **values: Any) -> None:
+        for name, value in values.items():
+            setattr(self, name, value)
+
+
+def write_export(
+    path: Path, batch_size: int, sequence_length: int, tp_degree: int, **extra: Any
+) -> Path:
+    """A directory the fake `NeuronConfig.from_pretrained` reads as an exported model."""
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "batch_size": batch_size,
+        "sequence_length": sequence_length,
+        "tp_degree": tp_degree,
+        "torch_dtype": "bfloat16",
+        "target": "inf2",
+        "optimum_neuron_version": "0.4.5",
+        **extra,
+    }
+    (path / "neuron_config.json").write_text(json.dumps(config))
+    return path
+
+
+@dataclass
+class FakeOptimum:
+    """Recording fakes of the optimum-neuron entry points in `CONTRACT`."""
+
+    calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
+    device_cores: int = 32
+    cached_entries: list[dict[str, Any]] = field(default_factory=lambda: [{"batch_size": 8}])
+    model_dtype: torch.dtype = torch.bfloat16
+    lookup_error: Exception | None = None
+
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.calls]
+
+    def called(self, entry: ContractEntry) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+        return [(args, kwargs) for name, args, kwargs in self.calls if name == entry.name]
+
+    def record(self, entry: ContractEntry, function: Callable[..., Any]) -> Callable[..., Any]:
+        allowed = set(entry.keywords) | set(entry.forwarded)
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            undeclared = sorted(set(kwargs) - allowed)
+            if undeclared:
+                raise TypeError(f"{entry.name} got {undeclared}, not declared in CONTRACT")
+            self.calls.append((entry.name, args, kwargs))
+            return function(*args, **kwargs)
+
+        return recorded
+
+    # The behaviour of each entry point.
+
+    def read_neuron_config(self, path: str, **_: Any) -> FakeNeuronConfig:
+        file = Path(path) / "neuron_config.json"
+        if not file.is_file():
+            raise OSError(f"{path} does not appear to have a file named neuron_config.json")
+        values = json.loads(file.read_text())
+        version = values.pop("optimum_neuron_version")
+        if version != "0.4.5":
+            raise ValueError(
+                f"This neuron configuration file was generated with optimum-neuron version "
+                f"{version}, but this version is 0.4.5."
+            )
+        values["torch_dtype"] = getattr(torch, values["torch_dtype"])
+        return FakeNeuronConfig(**values)
+
+    def get_neuron_config(self, model: str, **kwargs: Any) -> FakeNeuronConfig:
+        return FakeNeuronConfig(
+            batch_size=kwargs["batch_size"],
+            sequence_length=kwargs["sequence_length"],
+            tp_degree=kwargs["tensor_parallel_size"],
+            torch_dtype=self.model_dtype,
+            target=kwargs["instance_type"] or "inf2",
+        )
+
+    def select(self, model: str, **kwargs: Any) -> list[dict[str, Any]]:
+        if self.lookup_error is not None:
+            raise self.lookup_error
+        return self.cached_entries
+
+    def export(self, model: str, **kwargs: Any) -> Any:
+        config = kwargs["neuron_config"]
+
+        def save_pretrained(directory: str) -> None:
+            write_export(
+                Path(directory),
+                config.batch_size,
+                config.sequence_length,
+                config.tp_degree,
+                torch_dtype=str(config.torch_dtype).removeprefix("torch."),
+            )
+
+        exported = type("ExportedModel", (), {})()
+        exported.save_pretrained = self.record(SAVE_PRETRAINED, save_pretrained)
+        return exported
+
+    def modules(self) -> dict[str, ModuleType]:
+        model_class = type(
+            "NeuronModelForCausalLM",
+            (),
+            {
+                "from_pretrained": staticmethod(
+                    self.record(FROM_PRETRAINED, lambda path, **kw: ("loaded", path))
+                ),
+                "get_neuron_config": staticmethod(
+                    self.record(GET_NEURON_CONFIG, self.get_neuron_config)
+                ),
+                "export": staticmethod(self.record(EXPORT, self.export)),
+            },
+        )
+        neuron_config_class = type(
+            "NeuronConfig",
+            (),
+            {
+                "from_pretrained": staticmethod(
+                    self.record(READ_NEURON_CONFIG, self.read_neuron_config)
+                )
+            },
+        )
+        objects = {
+            NEURON_MODEL: model_class,
+            READ_NEURON_CONFIG: neuron_config_class,
+            NEURON_CONFIG_FIELDS: FakeNeuronConfig,
+            SELECT_CACHED: self.record(SELECT_CACHED, self.select),
+            AVAILABLE_CORES: self.record(AVAILABLE_CORES, lambda: self.device_cores),
+        }
+        modules: dict[str, ModuleType] = {}
+        for entry in CONTRACT:
+            top = entry.name.split(".")[0]
+            module = modules.setdefault(entry.module, ModuleType(entry.module))
+            if entry in objects:
+                setattr(module, top, objects[entry])
+        return modules
+
+
+@pytest.fixture
+def optimum(monkeypatch: pytest.MonkeyPatch) -> FakeOptimum:
+    fake = FakeOptimum()
+    monkeypatch.setitem(sys.modules, "optimum", ModuleType("optimum"))
+    for name, module in fake.modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return fake
+
+
+@dataclass
+class FakeExportProcess:
+    """`subprocess.Popen` of the export: records the command and writes the export."""
+
+    runs: list[tuple[list[str], dict[str, str]]] = field(default_factory=list)
+    returncode: int = 0
+    output: str = "compiling 3 graphs\nCompiler status PASS\n"
+
+    def __call__(self, command: list[str], *, env: dict[str, str], **_: Any) -> Any:
+        self.runs.append((command, env))
+        process = self
+
+        class Process:
+            stdout = io.StringIO(process.output)
+            returncode = process.returncode
+
+            def __enter__(self) -> Process:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                return None
+
+            def wait(self) -> int:
+                if process.returncode == 0:
+                    value = dict(zip(command[3::2], command[4::2]))
+                    write_export(
+                        Path(value["--output"]),
+                        int(value["--batch-size"]),
+                        int(value["--sequence-length"]),
+                        int(value["--num-cores"]),
+                        torch_dtype={"bf16": "bfloat16", "fp16": "float16"}[
+                            value.get("--auto-cast-type", "bf16")
+                        ],
+                    )
+                return process.returncode
+
+        return Process()
+
+
+@pytest.fixture
+def export_process(monkeypatch: pytest.MonkeyPatch) -> FakeExportProcess:
+    fake = FakeExportProcess()
+    monkeypatch.setattr(neuron_loader.subprocess, "Popen", fake)
+    return fake
+
+
+def settings_for(tmp_path: Path, **env: str) -> Settings:
+    environ = {
+        "MAX_BATCH_SIZE": "8",
+        "MAX_TOTAL_TOKENS": "4096",
+        "HF_NUM_CORES": "2",
+        "HF_TOKEN": TOKEN,
+        "NEURON_EXPORT_CACHE": str(tmp_path / "exports"),
+        **env,
+    }
+    return read_settings([], environ)
+
+
+# --- exported models ---------------------------------------------------------------------------
+
+
+def test_exported_model_is_served_as_is(
+    tmp_path: Path, optimum: FakeOptimum, export_process: FakeExportProcess
+) -> None:
+    model_dir = write_export(tmp_path / "llama-neuron", 4, 2048, 2)
+    settings = read_settings([], {"HF_TOKEN": TOKEN})
+
+    prepared = prepare_neuron_model(settings, model_dir, None, cores_available=2, environ={})
+    loaded = load_neuron_model(prepared.model, token=settings.hf_token)
+
+    assert prepared.model == str(model_dir)
+    assert prepared.origin == "exported"
+    assert prepared.shape == CompiledShape(4, 2048, num_cores=2, auto_cast_type="bf16")
+    assert optimum.called(FROM_PRETRAINED) == [
+        ((str(model_dir),), {"revision": None, "token": TOKEN})
+    ]
+    assert loaded == ("loaded", str(model_dir))
+    assert optimum.called(GET_NEURON_CONFIG) == []
+    assert optimum.called(SELECT_CACHED) == []
+    assert export_process.runs == []
+    settings = read_settings([], {}, compiled=prepared.shape)
+    assert (settings.max_batch_size, settings.max_total_tokens) == (4, 2048)
+    assert (settings.num_cores, settings.auto_cast_type) == (2, "bf16")
+
+
+def test_batch_size_contradicting_the_exported_model_stops_start_up(
+    tmp_path: Path, optimum: FakeOptimum
+) -> None:
+    model_dir = write_export(tmp_path / "llama-neuron", 4, 2048, 2)
+
+    with pytest.raises(ConfigError) as error:
+        read_settings([], {"MAX_BATCH_SIZE": "8"}, compiled=compiled_shape(model_dir))
+
+    message = str(error.value)
+    assert "MAX_BATCH_SIZE=8 but the model was compiled for batch size 4" in message
+    assert "set MAX_BATCH_SIZE=4" in message
+
+
+def test_exported_model_needing_more_cores_than_available(
+    tmp_path: Path, optimum: FakeOptimum
+) -> None:
+    model_dir = write_export(tmp_path / "llama-neuron", 4, 2048, 8)
+
+    with pytest.raises(ConfigError) as error:
+        prepare_neuron_model(
+            read_settings([], {}),
+            model_dir,
+            None,
+            cores_available=2,
+            environ={},
+            visible_cores_spec="0-1",
+        )
+
+    message = str(error.value)
+    assert f"{model_dir} was compiled for 8 Neuron cores but only 2 available" in message
+    assert "NEURON_RT_VISIBLE_CORES=0-1" in message
+    assert optimum.called(FROM_PRETRAINED) == []
+
+
+def test_export_from_another_optimum_neuron_version(tmp_path: Path, optimum: FakeOptimum) -> None:
+    model_dir = write_export(tmp_path / "old", 4, 2048, 2, optimum_neuron_version="0.3.0")
+
+    with pytest.raises(ConfigError) as error:
+        is_exported(model_dir)
+
+    message = str(error.value)
+    assert "generated with optimum-neuron version 0.3.0" in message
+    assert "Export it again with this image (optimum-neuron 0.4.5" in message
+
+
+def test_export_from_optimum_neuron_before_0_1_is_refused(
+    tmp_path: Path, optimum: FakeOptimum, export_process: FakeExportProcess
+) -> None:
+    model_dir = tmp_path / "old-export"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "llama", "neuron": {"batch_size": 4}}')
+
+    with pytest.raises(ConfigError) as error:
+        prepare_neuron_model(read_settings([], {}), model_dir, None, cores_available=2, environ={})
+
+    message = str(error.value)
+    assert f"{model_dir} was exported by an optimum-neuron release before 0.1" in message
+    assert "optimum-neuron 0.4.5 cannot load" in message
+    assert optimum.names() == [READ_NEURON_CONFIG.name]
+    assert export_process.runs == []
+
+
+def test_standard_model_is_not_exported(tmp_path: Path, optimum: FakeOptimum) -> None:
+    (tmp_path / "config.json").write_text("{}")
+
+    assert not is_exported(tmp_path)
+    with pytest.raises(ConfigError, match="is not an exported Neuron model"):
+        compiled_shape(tmp_path)
+
+
+# --- exports -----------------------------------------------------------------------------------
+
+
+def test_cached_configuration_is_exported_in_a_separate_process(
+    tmp_path: Path, optimum: FakeOptimum, export_process: FakeExportProcess
+) -> None:
+    settings = settings_for(tmp_path, HF_AUTO_CAST_TYPE="bf16")
+    environ = {"PATH": "/usr/bin", "PYTHONPATH": "/opt/lib"}
+
+    prepared = prepare_neuron_model(settings, MODEL, "abc123", cores_available=2, environ=environ)
+
+    assert optimum.called(GET_NEURON_CONFIG) == [
+        (
+            (MODEL,),
+            {
+                "token": TOKEN,
+                "revision": "abc123",
+                "instance_type": None,
+                "batch_size": 8,
+                "sequence_length": 4096,
+                "tensor_parallel_size": 2,
+            },
+        )
+    ]
+    assert optimum.called(SELECT_CACHED) == [
+        (
+            (MODEL,),
+            {
+                "task": "text-generation",
+                "cache_repo_id": "aws-neuron/optimum-neuron-cache",
+                "instance_type": "inf2",
+                "batch_size": 8,
+                "sequence_length": 4096,
+                "tensor_parallel_size": 2,
+                "torch_dtype": "bf16",
+            },
+        )
+    ]
+    [(command, env)] = export_process.runs
+    partial = command[-1]
+    assert command == [
+        sys.executable,
+        "-m",
+        "handler.model.neuron_export",
+        "--model-id",
+        MODEL,
+        "--revision",
+        "abc123",
+        "--batch-size",
+        "8",
+        "--sequence-length",
+        "4096",
+        "--num-cores",
+        "2",
+        "--auto-cast-type",
+        "bf16",
+        "--output",
+        partial,
+    ]
+    assert not any(TOKEN in argument for argument in command)
+    assert env["HF_TOKEN"] == TOKEN
+    assert env["CUSTOM_CACHE_REPO"] == "aws-neuron/optimum-neuron-cache"
+    assert env["PATH"] == "/usr/bin"
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(neuron_loader.PROJECT_ROOT), "/opt/lib"]
+
+    target = export_dir(settings_for(tmp_path, HF_AUTO_CAST_TYPE="bf16"), MODEL, "abc123")
+    assert Path(partial).parent == target.parent
+    assert not Path(partial).exists()
+    assert prepared.model == str(target)
+    assert prepared.origin == "compiled"
+    assert prepared.shape == CompiledShape(8, 4096, num_cores=2, auto_cast_type="bf16")
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
+
+
+def test_saved_export_is_reused_on_the_next_start(
+    tmp_path: Path,
+    optimum: FakeOptimum,
+    export_process: FakeExportProcess,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = settings_for(tmp_path)
+    first = prepare_neuron_model(settings, MODEL, "abc123", cores_available=2, environ={})
+    optimum.calls.clear()
+    caplog.set_level(logging.INFO, logger=neuron_loader.__name__)
+
+    second = prepare_neuron_model(settings, MODEL, "abc123", cores_available=2, environ={})
+
+    assert len(export_process.runs) == 1
+    assert second.model == first.model
+    assert second.origin == "reused"
+    assert second.shape == first.shape
+    assert optimum.called(GET_NEURON_CONFIG) == []
+    assert optimum.called(SELECT_CACHED) == []
+    assert f"reusing exported model at {first.model}" in caplog.text
+
+
+def test_uncached_export_is_refused_without_compile_on_start(
+    tmp_path: Path, optimum: FakeOptimum, export_process: FakeExportProcess
+) -> None:
+    optimum.cached_entries = []
+
+    with pytest.raises(ConfigError) as error:
+        prepare_neuron_model(settings_for(tmp_path), MODEL, "abc123", cores_available=2, environ={})
+
+    message = str(error.value)
+    assert (
+        f"No precompiled Neuron artifacts for {MODEL} (revision abc123) with batch size 8, "
+        "sequence length 4096, 2 cores, dtype bf16 in the hub cache aws-neuron/optimum-neuron-cache"
+    ) in message
+    assert "up to an hour" in message
+    assert "NEURON_COMPILE_ON_START=true (--compile-on-start)" in message
+    assert "container_startup_health_check_timeout" in message
+    assert (
+        f"python -m handler.model.neuron_export --model-id {MODEL} --revision abc123 "
+        "--batch-size 8 --sequence-length 4096 --num-cores 2 --auto-cast-type bf16 --output DIR"
+    ) in message
+    assert f"optimum-cli neuron cache lookup {MODEL}" in message
+    assert TOKEN not in message
+    assert export_process.runs == []
+
+
+def test_failed_cache_lookup_counts_as_a_miss_and_says_why(
+    tmp_path: Path, optimum: FakeOptimum, export_process: FakeExportProcess
+) -> None:
+    optimum.lookup_error = ValueError("No hub cache registry found for neuronx-cc-2.21.33363.0")
+
+    with pytest.raises(ConfigError) as error:
+        prepare_neuron_model(settings_for(tmp_path), MODEL, None, cores_available=2, environ={})
+
+    assert "(the lookup failed: ValueError: No hub cache registry found" in str(error.value)
+    assert "revision main" in str(error.value)
+    assert export_process.runs == []
+
+
+def test_uncached_export_allowed_by_compile_on_start_warns(
+    tmp_path: Path,
+    optimum: FakeOptimum,
+    export_process: FakeExportProcess,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    optimum.cached_entries = []
+    settings = settings_for(tmp_path, NEURON_COMPILE_ON_START="true")
+
+    prepared = prepare_neuron_model(settings, MODEL, None, cores_available=2, environ={})
+
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.name == neuron_loader.__name__
+    text = warning.getMessage()
+    assert f"No precompiled Neuron artifacts for {MODEL} (revision main) with batch size 8" in text
+    assert "because NEURON_COMPILE_ON_START is set" in text
+    assert f"saved at {prepared.model}" in text
+    assert len(export_process.runs) == 1
+    assert prepared.origin == "compiled"
+
+
+def test_dtype_alias_reaches_optimum_neuron_normalised(
+    tmp_path: Path, optimum: FakeOptimum, export_process: FakeExportProcess
+) -> None:
+    optimum.model_dtype = torch.float32
+    settings = settings_for(tmp_path, HF_AUTO_CAST_TYPE="bfloat16")
+
+    prepared = prepare_neuron_model(settings, MODEL, None, cores_available=2, environ={})
+
+    [(_, lookup)] = optimum.called(SELECT_CACHED)
+    assert lookup["torch_dtype"] == "bf16"
+    [(command, _)] = export_process.runs
+    assert command[command.index("--auto-cast-type") + 1] == "bf16"
+    assert "-tp2-bf16--" in Path(prepared.model).name
+    assert prepared.shape.auto_cast_type == "bf16"
+
+
+def test_model_dtype_is_used_when_none_is_set(
+    tmp_path: Path, optimum: FakeOptimum, export_process: FakeExportProcess
+) -> None:
+    optimum.model_dtype = torch.float16
+
+    prepare_neuron_model(settings_for(tmp_path), MODEL, None, cores_available=2, environ={})
+
+    [(_, lookup)] = optimum.called(SELECT_CACHED)
+    assert lookup["torch_dtype"] == "fp16"
+    [(command, _)] = export_process.runs
+    assert command[command.index("--auto-cast-type") + 1] == "fp16"
+
+
+def test_all_available_cores_by_default(
+    tmp_path: Path, optimum: FakeOptimum, export_process: FakeExportProcess
+) -> None:
+    settings = read_settings([], {"NEURON_EXPORT_CACHE": str(tmp_path)})
+
+    prepared = prepare_neuron_model(settings, MODEL, None, cores_available=4, environ={})
+
+    [(_, kwargs)] = optimum.called(GET_NEURON_CONFIG)
+    assert kwargs["tensor_parallel_size"] == 4
+    assert prepared.shape.num_cores == 4
+
+
+def test_failed_export_reports_the_end_of_its_log(
+    tmp_path: Path, optimum: FakeOptimum, export_process: FakeExportProcess
+) -> None:
+    export_process.returncode = 70
+    export_process.output = "".join(f"line {i}\n" for i in range(100)) + "neuronx-cc: OOM\n"
+    settings = settings_for(tmp_path)
+
+    with pytest.raises(ConfigError) as error:
+        prepare_neuron_model(settings, MODEL, None, cores_available=2, environ={})
+
+    message = str(error.value)
+    assert f"Exporting {MODEL} (revision main) with batch size 8" in message
+    assert "failed (exit code 70)" in message
+    assert "    neuronx-cc: OOM" in message
+    assert "line 99" in message
+    assert "line 50\n" not in message
+    assert list((tmp_path / "exports").iterdir()) == []
+
+
+def test_real_export_process_failing_without_optimum_neuron(
+    tmp_path: Path, optimum: FakeOptimum
+) -> None:
+    """The real `python -m handler.model.neuron_export` child, which has no optimum-neuron here."""
+    settings = settings_for(tmp_path)
+
+    with pytest.raises(ConfigError) as error:
+        prepare_neuron_model(
+            settings, MODEL, None, cores_available=2, environ=dict(os.environ, HF_TOKEN="stale")
+        )
+
+    message = str(error.value)
+    assert "failed (exit code 1)" in message
+    assert "The Neuron backend needs optimum-neuron 0.4.5" in message
+    assert list((tmp_path / "exports").iterdir()) == []
+
+
+def test_missing_optimum_neuron(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "optimum.neuron", None)
+    monkeypatch.setitem(sys.modules, "optimum.neuron.configuration_utils", None)
+
+    with pytest.raises(ConfigError) as error:
+        prepare_neuron_model(settings_for(tmp_path), MODEL, None, cores_available=2, environ={})
+
+    message = str(error.value)
+    assert "requirements-neuron.txt" in message
+    assert "https://pip.repos.neuron.amazonaws.com" in message
+    assert "SERVING_BACKEND=torch" in message
+
+
+# --- cores -------------------------------------------------------------------------------------
+
+
+def test_more_cores_requested_than_available(
+    tmp_path: Path, optimum: FakeOptimum, export_process: FakeExportProcess
+) -> None:
+    settings = settings_for(tmp_path, HF_NUM_CORES="8")
+
+    with pytest.raises(ConfigError) as error:
+        prepare_neuron_model(
+            settings, MODEL, None, cores_available=2, environ={}, visible_cores_spec="4-5"
+        )
+
+    message = str(error.value)
+    assert (
+        "HF_NUM_CORES=8 Neuron cores requested but only 2 available to this process "
+        "(NEURON_RT_VISIBLE_CORES=4-5)"
+    ) in message
+    assert "set HF_NUM_CORES (--num-cores) between 1 and 2" in message
+    assert optimum.calls == [
+        (READ_NEURON_CONFIG.name, (MODEL,), {"token": TOKEN, "revision": "main"})
+    ]
+    assert export_process.runs == []
+
+
+def test_no_cores_at_all() -> None:
+    with pytest.raises(ConfigError) as error:
+        check_cores(1, 0)
+
+    message = str(error.value)
+    assert "No Neuron cores are available to this process" in message
+    assert "NEURON_RT_VISIBLE_CORES is not set" in message
+    assert "SERVING_BACKEND=torch" in message
+
+
+@pytest.mark.parametrize(
+    ("num_cores", "visible", "expected"),
+    [
+        (None, None, 32),
+        ("4", None, 4),
+        (4, None, 4),
+        (None, "3", 1),
+        (None, "4-7", 4),
+        (None, "0,2,5", 3),
+        (None, "0-1,8-9", 4),
+        ("2", "0-7", 2),
+    ],
+)
+def test_available_cores(
+    optimum: FakeOptimum, num_cores: int | str | None, visible: str | None, expected: int
+) -> None:
+    assert available_cores(num_cores, visible) == expected
+    assert optimum.called(AVAILABLE_CORES) == [((), {})]
+
+
+@pytest.mark.parametrize(
+    ("num_cores", "visible", "named"),
+    [(None, "a-b", "NEURON_RT_VISIBLE_CORES='a-b'"), ("two", None, "NEURON_RT_NUM_CORES='two'")],
+)
+def test_invalid_core_variables(
+    optimum: FakeOptimum, num_cores: str | None, visible: str | None, named: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"{named} is invalid"):
+        available_cores(num_cores, visible)
+
+
+# --- export keys -------------------------------------------------------------------------------
+
+
+def test_export_key_names_every_shape_and_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        neuron_loader,
+        "sdk_versions",
+        lambda: {"optimum-neuron": "0.4.5", "neuronx-cc": "2.21.33363.0+2b2a9e9f"},
+    )
+    settings = Settings(max_batch_size=8, max_total_tokens=4096, num_cores=2, auto_cast_type="bf16")
+
+    key = export_key(MODEL, "refs/pr/1", settings)
+
+    assert key == (
+        "acme--llama-3-8b--refs_pr_1--bs8-seq4096-tp2-bf16"
+        "--optimum-neuron-0.4.5-neuronx-cc-2.21.33363.0_2b2a9e9f"
+    )
+    variants = {
+        export_key(MODEL, "refs/pr/1", Settings(**changed))
+        for changed in (
+            {"max_batch_size": 4, "max_total_tokens": 4096, "num_cores": 2},
+            {"max_batch_size": 8, "max_total_tokens": 2048, "num_cores": 2},
+            {"max_batch_size": 8, "max_total_tokens": 4096, "num_cores": 4},
+            {"max_batch_size": 8, "max_total_tokens": 4096, "num_cores": 2},
+        )
+    }
+    assert len(variants | {key, export_key(MODEL, "main", settings)}) == 6
+    with pytest.raises(ValueError, match="num_cores"):
+        export_key(MODEL, None, Settings())
+
+
+def test_export_key_of_a_local_model_follows_its_files(tmp_path: Path) -> None:
+    model_dir = tmp_path / "my-model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "llama"}')
+    settings = Settings(num_cores=2)
+
+    before = export_key(model_dir, "ignored", settings)
+    assert before.startswith("local--my-model--")
+    assert before == export_key(model_dir, None, settings)
+    (model_dir / "model.safetensors").write_bytes(b"new weights")
+    assert export_key(model_dir, None, settings) != before
+
+
+def test_export_root() -> None:
+    assert export_root(Settings(hub_cache="/data")) == Path("/data/neuron-exports")
+    assert export_root(Settings(hub_cache="/data", export_cache="/mnt/x")) == Path("/mnt/x")
+    assert export_root(Settings()) == Path.home() / ".cache/huggingface/hub/neuron-exports"
+
+
+# --- the export entry point --------------------------------------------------------------------
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1, "</s>": 2}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    model_dir = tmp_path / "model"
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(
+        model_dir
+    )
+    GenerationConfig(eos_token_id=2, temperature=0.6, do_sample=True).save_pretrained(model_dir)
+    return model_dir
+
+
+def test_export_entry_point(tmp_path: Path, optimum: FakeOptimum, tokenizer_dir: Path) -> None:
+    optimum.model_dtype = torch.float32
+    output = tmp_path / "out"
+    argv = ["--model-id", str(tokenizer_dir), "--num-cores", "2", "--batch-size", "4"]
+    argv += ["--sequence-length", "1024", "--auto-cast-type", "bfloat16", "--output", str(output)]
+
+    assert neuron_export.main(argv) == 0
+
+    assert optimum.names() == [GET_NEURON_CONFIG.name, EXPORT.name, SAVE_PRETRAINED.name]
+    [(_, get_kwargs)] = optimum.called(GET_NEURON_CONFIG)
+    assert get_kwargs == {
+        "token": None,
+        "revision": None,
+        "instance_type": None,
+        "batch_size": 4,
+        "sequence_length": 1024,
+        "tensor_parallel_size": 2,
+    }
+    [(export_args, export_kwargs)] = optimum.called(EXPORT)
+    assert export_args == (str(tokenizer_dir),)
+    assert export_kwargs["neuron_config"].torch_dtype == torch.bfloat16
+    assert {k: v for k, v in export_kwargs.items() if k != "neuron_config"} == {
+        "token": None,
+        "revision": None,
+        "load_weights": False,
+    }
+    assert optimum.called(SAVE_PRETRAINED) == [((str(output),), {})]
+    assert compiled_shape(output) == CompiledShape(4, 1024, num_cores=2, auto_cast_type="bf16")
+    assert (output / "tokenizer.json").is_file()
+    assert json.loads((output / "generation_config.json").read_text())["temperature"] == 0.6
+
+
+def test_export_cli_parses_without_optimum_neuron() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "handler.model.neuron_export", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=neuron_loader.PROJECT_ROOT,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    for flag in ("--model-id", "--num-cores", "--batch-size", "--sequence-length", "--output"):
+        assert flag in result.stdout
+    assert "HF_TOKEN" in result.stdout
+
+
+def test_export_cli_rejects_an_unknown_dtype(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        neuron_export.main(
+            ["--model-id", MODEL, "--num-cores", "2", "--output", "x", "--auto-cast-type", "int8"]
+        )
+
+    assert "'int8': use bf16, fp16 or fp32" in capsys.readouterr().err

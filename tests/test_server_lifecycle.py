@@ -67,8 +67,8 @@ def test_ping_is_503_with_the_stage_while_loading_then_200(
 def test_sigterm_refuses_new_requests_finishes_running_ones_and_exits_0(
     smollm2_dir: Path, tmp_path: Path
 ) -> None:
-    server = launch_server(smollm2_dir, tmp_path)
-    body = {"inputs": COUNTING, "parameters": {"max_new_tokens": 40, "details": True}}
+    server = launch_server(smollm2_dir, tmp_path, SHUTDOWN_GRACE_SECONDS="25")
+    body = {"inputs": COUNTING, "parameters": {"max_new_tokens": 80, "details": True}}
     streams = [
         requests.post(f"{server.url}/generate_stream", json=body, stream=True, timeout=60)
         for _ in range(2)
@@ -84,9 +84,9 @@ def test_sigterm_refuses_new_requests_finishes_running_ones_and_exits_0(
     assert requests.get(f"{server.url}/ping", timeout=2).status_code == 503
     for stream_lines in lines:
         events = list(data_events(stream_lines))
-        assert events[-1]["details"]["generated_tokens"] == 40
+        assert events[-1]["details"]["generated_tokens"] == 80
         assert events[-1]["generated_text"]
-    assert server.process.wait(timeout=30) == 0, server.log()
+    assert server.process.wait(timeout=60) == 0, server.log()
     assert "drained: 0 requests left" in server.log()
 
 
@@ -94,19 +94,18 @@ def test_abandoned_streams_free_their_slots(server: RunningServer, golden) -> No
     """8 streams dropped by their clients (4 running, 4 waiting), then 4 requests (the batch
     size) that all complete with their greedy answers."""
     body = {"inputs": COUNTING, "parameters": {"max_new_tokens": 400}}
-    with ThreadPoolExecutor(8) as pool:
-        streams = list(
-            pool.map(
-                lambda _: requests.post(
-                    f"{server.url}/generate_stream", json=body, stream=True, timeout=60
-                ),
-                range(8),
-            )
-        )
-    lines = [stream.iter_lines() for stream in streams]
-    for stream_lines in lines[:4]:
-        next(data_events(stream_lines))
+    streams, lines = [], []
+    for index in range(8):
+        stream = requests.post(f"{server.url}/generate_stream", json=body, stream=True, timeout=60)
+        streams.append(stream)
+        lines.append(stream.iter_lines())  # kept: a dropped line iterator closes the connection
+        if index < 4:  # running: wait for its first token; the other 4 wait for a slot
+            next(data_events(lines[-1]))
+    deadline = time.monotonic() + 30
+    while metric(server, "tgi_queue_size") < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert metric(server, "tgi_batch_current_size") == 4
+    assert metric(server, "tgi_queue_size") == 4
     for stream in streams:
         stream.close()
     deadline = time.monotonic() + 10

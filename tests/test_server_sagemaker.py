@@ -3,6 +3,11 @@ real server: the same answers as direct calls, streams reassembled from awkward 
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -11,7 +16,7 @@ from botocore.client import BaseClient
 
 from deploy.invoke import invoke, invoke_stream, make_client
 from deploy.sagemaker_local import LocalSageMakerRuntime
-from tests.conftest import PROMPTS, RunningServer
+from tests.conftest import PROMPTS, RunningServer, free_port
 
 ENDPOINT = "smollm2-local"
 
@@ -70,3 +75,38 @@ def test_client_errors_arrive_as_model_error(runtime: BaseClient) -> None:
     assert error["OriginalStatusCode"] == 422
     assert "temperature" in error["OriginalMessage"]
     assert '"error_type":"validation"' in error["OriginalMessage"]
+
+
+def test_invoke_cli_prints_a_streamed_answer_equal_to_the_whole_one(
+    server: RunningServer, golden
+) -> None:
+    """`python -m deploy.invoke` as the README shows it, through the stand-in CLI."""
+    port = free_port()
+    stand_in = ["-m", "deploy.sagemaker_local", "--upstream", server.url, "--port", str(port)]
+    front = subprocess.Popen(
+        [sys.executable, *stand_in],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        payload = json.dumps({"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 16}})
+        invoke = [sys.executable, "-m", "deploy.invoke", "--endpoint", "local"]
+        invoke += ["--endpoint-url", url]
+        whole = subprocess.run([*invoke, payload], capture_output=True, text=True, timeout=120)
+        streamed = subprocess.run(
+            [*invoke, "--stream", payload], capture_output=True, text=True, timeout=120
+        )
+    finally:
+        front.terminate()
+        front.wait(10)
+    assert whole.returncode == 0 and streamed.returncode == 0, whole.stderr + streamed.stderr
+    answer = json.loads(whole.stdout)[0]["generated_text"]
+    assert answer == golden(PROMPTS[0], 16)
+    assert streamed.stdout == answer + "\n"

@@ -87,7 +87,7 @@ class Submission:
         route: str,
         received_at: float,
         metrics: Metrics,
-        client_gone: Callable[[], bool],
+        client_gone: Callable[[], bool] = lambda: False,
     ) -> None:
         self.handle = handle
         self.route = route

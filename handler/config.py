@@ -35,6 +35,7 @@ DTYPE_ALIASES = {
     "torch.float32": "fp32",
 }
 BACKENDS = ("auto", "torch", "neuron")
+SERVING_STACKS = ("gunicorn", "mms")
 DEVICES = ("auto", "cpu", "cuda")
 SECRET_FIELDS = ("hf_token", "api_key")
 DEFAULT_BATCH_SIZE = 4
@@ -73,6 +74,13 @@ class Settings:
     """Prompt tokens prefilled together; default `max_batch_size * max_input_tokens`."""
     max_concurrent_requests: int = 128
     """Requests in flight (running + waiting); beyond it: 429 `overloaded`."""
+    max_waiting_tokens: int = 20
+    """TGI's `--max-waiting-tokens`: decode steps a waiting request may be held back (to be
+    prefilled together with others) before it is admitted anyway."""
+    waiting_served_ratio: float = 0.3
+    """TGI's `--waiting-served-ratio`: while requests run, admit only when at least
+    `ratio x running` waiting requests can be prefilled at once (or `max_waiting_tokens` have
+    passed), so that prefills, which pause every stream, come in batches instead of one by one."""
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
     max_best_of: int = 1
@@ -92,6 +100,13 @@ class Settings:
     hostname: str = "0.0.0.0"
     port: int = 8080
     """`--port`, else `SAGEMAKER_BIND_TO_PORT`, else `PORT`, else 8080."""
+    serving_stack: str = "gunicorn"
+    """What `serve` runs (`SERVING_STACK`): `gunicorn` (every route, streaming) or `mms` (the
+    SageMaker inference toolkit's Multi Model Server: `/ping` and `/invocations` only)."""
+    model_server_workers: int = 1
+    """MMS worker processes (`SAGEMAKER_MODEL_SERVER_WORKERS`): with `SERVING_STACK=mms` only 1,
+    since each worker is a process that would load its own copy of the model (and on Neuron
+    claim its own cores). Ignored by gunicorn, which always runs one worker."""
     messages_api_enabled: bool = True
     """Accepted for deploy snippets; the chat routes are always on."""
     trust_remote_code: bool = False
@@ -148,6 +163,13 @@ def _int(text: str) -> int:
         raise ValueError("must be a whole number") from None
 
 
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = _int(text)
     if value <= 0:
@@ -193,6 +215,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _ratio(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("must be a number") from None
+    if not 0 <= value <= 100:
+        raise ValueError("must be between 0 and 100")
+    return value
+
+
 def _port(text: str) -> int:
     value = _int(text)
     if not 0 < value < 65536:
@@ -235,6 +267,8 @@ OPTIONS = (
         ("MAX_CONCURRENT_REQUESTS",),
         _positive_int,
     ),
+    _Option("max_waiting_tokens", ("--max-waiting-tokens",), ("MAX_WAITING_TOKENS",), _int),
+    _Option("waiting_served_ratio", ("--waiting-served-ratio",), ("WAITING_SERVED_RATIO",), _ratio),
     _Option("max_stop_sequences", ("--max-stop-sequences",), ("MAX_STOP_SEQUENCES",), _int),
     _Option("max_top_n_tokens", ("--max-top-n-tokens",), ("MAX_TOP_N_TOKENS",), _int),
     _Option("max_best_of", ("--max-best-of",), ("MAX_BEST_OF",), _positive_int),
@@ -257,6 +291,8 @@ OPTIONS = (
     # HOSTNAME is not read: shells and Docker set it to the machine's name, not an address.
     _Option("hostname", ("--hostname",), ()),
     _Option("port", ("--port",), ("SAGEMAKER_BIND_TO_PORT", "PORT"), _port, fallback=True),
+    _Option("serving_stack", (), ("SERVING_STACK",), _choice(SERVING_STACKS)),
+    _Option("model_server_workers", (), ("SAGEMAKER_MODEL_SERVER_WORKERS",), _positive_int),
     _Option("messages_api_enabled", (), ("MESSAGES_API_ENABLED",), _bool),
     _Option(
         "trust_remote_code",
@@ -312,6 +348,31 @@ def parse_flags(argv: Sequence[str]) -> dict[str, str]:
             f"Known flags: {', '.join(known)}"
         )
     return {name: value for name, value in vars(namespace).items() if value is not None}
+
+
+def flags_as_environ(argv: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` with the flags in `argv` written under each setting's first environment name
+    (its other names removed), so that a process reading only its environment (an MMS worker)
+    gets the same settings. Raises `ConfigError` for a flag that no variable carries."""
+    flags = parse_flags(argv)
+    out = dict(environ)
+    stranded = []
+    for option in OPTIONS:
+        if option.name not in flags:
+            continue
+        if not option.env:
+            stranded.append(option.flags[0])
+            continue
+        for name in option.env:
+            out.pop(name, None)
+        out[option.env[0]] = flags[option.name]
+    if stranded:
+        raise ConfigError(
+            f"{', '.join(stranded)} cannot reach the MMS worker, which reads only environment "
+            "variables; MMS listens on 0.0.0.0 (the address the SageMaker inference toolkit "
+            "writes): drop the flag, or use SERVING_STACK=gunicorn"
+        )
+    return out
 
 
 def _shown(option: _Option, value: str) -> str:
@@ -431,6 +492,12 @@ def _derive(
     for name in ("max_stop_sequences", "max_top_n_tokens"):
         if name in values and values[name] < 0:
             problems.append(f"{named(name)} must not be negative")
+    if values.get("serving_stack") == "mms" and values.get("model_server_workers", 1) != 1:
+        problems.append(
+            f"{named('model_server_workers')}: each MMS worker is a process that loads its own "
+            "copy of the model (and on Neuron claims its own cores), so one worker serves them "
+            "all; set SAGEMAKER_MODEL_SERVER_WORKERS=1 or unset it"
+        )
     return values
 
 

@@ -73,6 +73,8 @@ def assemble(
         max_concurrent_requests=settings.max_concurrent_requests,
         max_batch_prefill_tokens=settings.max_batch_prefill_tokens,
         on_step=on_step,
+        max_waiting_tokens=settings.max_waiting_tokens,
+        waiting_served_ratio=settings.waiting_served_ratio,
     )
     shape = backend.shape
     logger.info(

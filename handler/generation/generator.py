@@ -73,6 +73,8 @@ class Generator:
         max_concurrent_requests: int = 128,
         max_batch_prefill_tokens: int | None = None,
         on_step: Callable[[str, int, float], None] | None = None,
+        max_waiting_tokens: int = 0,
+        waiting_served_ratio: float = 0.0,
     ) -> None:
         """`on_step(method, batch_size, seconds)` is called after each successful `prefill` or
         `decode` step (metrics)."""
@@ -99,6 +101,9 @@ class Generator:
         self.failure: str | None = None
         self._token_text: dict[int, str] = {}
         self._on_step = on_step
+        self.max_waiting_tokens = max_waiting_tokens
+        self.waiting_served_ratio = waiting_served_ratio
+        self._steps_since_prefill = 0
 
     # --- caller side (any thread) ------------------------------------------------------------
 
@@ -175,10 +180,21 @@ class Generator:
     def _busy(self) -> bool:
         return any(slot.state is not SlotState.EMPTY for slot in self.slots)
 
+    def _hold_back(self, free: int) -> bool:
+        """TGI's batching rule: while requests run, a prefill (which pauses every stream) waits
+        until `waiting_served_ratio x running` requests can join at once, or until it has been
+        held for `max_waiting_tokens` decode steps."""
+        running = len(self.slots) - free
+        if not running or self._steps_since_prefill >= self.max_waiting_tokens:
+            return False
+        return min(len(self._waiting), free) < int(running * self.waiting_served_ratio)
+
     def _admit(self) -> list[Slot]:
         """Move waiting requests into free slots (called with the lock held)."""
         free = [slot for slot in self.slots if slot.state is SlotState.EMPTY]
         admitted: list[Slot] = []
+        if not free or self._hold_back(len(free)):
+            return admitted
         budget = self.max_batch_prefill_tokens
         while self._waiting and len(admitted) < len(free):
             handle = self._waiting[0]
@@ -248,6 +264,7 @@ class Generator:
             self._fail(slots, "prefill", exc)
             return
         self._observe("prefill", len(slots), started)
+        self._steps_since_prefill = 0
         for i, slot in enumerate(slots):
             slot.prefilled()
             if output.prompt_logits[i] is not None:
@@ -269,6 +286,7 @@ class Generator:
             self._fail(slots, "decode", exc)
             return
         self._observe("decode", len(slots), started)
+        self._steps_since_prefill += 1
         self._emit(slots, selection)
 
     def _observe(self, method: str, batch_size: int, started: float) -> None:

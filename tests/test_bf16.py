@@ -1,0 +1,45 @@
+"""Reduced precision on CPU: the bf16 torch backend against `transformers` in bf16."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from handler.engine import Engine
+from handler.generation.request import GenerationRequest
+from tests.conftest import PROMPTS, reference_greedy, start_engine
+
+
+@pytest.fixture(scope="module")
+def bf16_engine(smollm2_dir: Path):
+    engine = start_engine(smollm2_dir, HF_AUTO_CAST_TYPE="bf16")
+    yield engine
+    engine.generator.stop()
+
+
+@pytest.fixture(scope="module")
+def bf16_reference(smollm2_dir: Path) -> AutoModelForCausalLM:
+    return AutoModelForCausalLM.from_pretrained(
+        smollm2_dir, dtype=torch.bfloat16, attn_implementation="sdpa"
+    ).eval()
+
+
+def greedy(engine: Engine, ids: list[int], n: int) -> list[int]:
+    tokens, _ = engine.generator.submit(GenerationRequest(ids, max_new_tokens=n)).result(120)
+    return [t.token.id for t in tokens]
+
+
+def test_bf16_matches_transformers_bf16_alone_and_in_a_batch(
+    bf16_engine: Engine, bf16_reference, tokenizer
+) -> None:
+    assert bf16_engine.backend.shape.dtype == "bfloat16"
+    prompts = [tokenizer(p).input_ids for p in PROMPTS[:4]]
+    expected = [reference_greedy(bf16_reference, ids, 12) for ids in prompts]
+    assert [greedy(bf16_engine, ids, 12) for ids in prompts[:2]] == expected[:2]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda ids: greedy(bf16_engine, ids, 12), prompts))
+    assert together == expected

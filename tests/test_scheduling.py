@@ -1,0 +1,111 @@
+"""Admission policy: prefills, which pause every stream, are batched as TGI's router does."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from handler.config import read_settings
+from handler.engine import Engine, build_torch_engine
+from handler.generation.request import GenerationRequest, TokenEvent
+from tests.conftest import PROMPTS
+
+
+class Steps:
+    """Records `(method, batch_size)` of every model step."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, int]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, method: str, batch_size: int, seconds: float) -> None:
+        with self.lock:
+            self.log.append((method, batch_size))
+
+    def decodes_since_last_prefill(self) -> int:
+        with self.lock:
+            methods = [m for m, _ in self.log]
+        last = len(methods) - 1 - methods[::-1].index("prefill")
+        return methods[last + 1 :].count("decode")
+
+
+@pytest.fixture
+def engine_with(smollm2_dir: Path) -> Iterator:
+    engines: list[Engine] = []
+
+    def build(**env: str) -> tuple[Engine, Steps]:
+        steps = Steps()
+        settings = read_settings([], {"MAX_BATCH_SIZE": "4", "MAX_TOTAL_TOKENS": "256", **env})
+        engine = build_torch_engine(settings, smollm2_dir, on_step=steps)
+        engines.append(engine)
+        return engine, steps
+
+    yield build
+    for engine in engines:
+        engine.generator.stop()
+
+
+def start_running(engine: Engine, n: int) -> list:
+    """Two requests prefilled together: submitted while holding the scheduler's lock (a
+    reentrant lock), so that it cannot admit the first before the second arrives."""
+    with engine.generator._cond:
+        handles = [engine.generator.submit(request(engine, p, n)) for p in PROMPTS[:2]]
+    for handle in handles:
+        first_token(handle)
+    return handles
+
+
+def request(engine: Engine, prompt: str, n: int) -> GenerationRequest:
+    return GenerationRequest(engine.tokenizer(prompt).input_ids, max_new_tokens=n, ignore_eos=True)
+
+
+def first_token(handle) -> None:
+    assert isinstance(next(handle.events(timeout=60)), TokenEvent)
+
+
+def wait_for(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_lone_arrival_waits_to_be_prefilled_with_another(engine_with) -> None:
+    engine, steps = engine_with(MAX_WAITING_TOKENS="1000", WAITING_SERVED_RATIO="1.0")
+    running = start_running(engine, 60)
+    lone = engine.generator.submit(request(engine, PROMPTS[2], 4))
+    wait_for(lambda: steps.decodes_since_last_prefill() >= 8)
+    assert engine.generator.queue_size == 1  # 2 running x ratio 1.0: it needs a partner
+    partner = engine.generator.submit(request(engine, PROMPTS[3], 4))
+    lone.result(timeout=60)
+    partner.result(timeout=60)
+    prefills = [size for method, size in steps.log if method == "prefill"]
+    assert prefills == [2, 2]  # the two running ones together, then the two arrivals together
+    for handle in running:
+        handle.cancel()
+
+
+def test_a_held_request_is_admitted_after_max_waiting_tokens(engine_with) -> None:
+    engine, steps = engine_with(MAX_WAITING_TOKENS="3", WAITING_SERVED_RATIO="1.0")
+    running = start_running(engine, 40)
+    held = engine.generator.submit(request(engine, PROMPTS[2], 4))
+    held.result(timeout=60)
+    methods = [m for m, _ in steps.log]
+    second = methods.index("prefill", 1)
+    assert methods[1:second].count("decode") >= 3
+    for handle in running:
+        handle.cancel()
+
+
+def test_nothing_is_held_when_nothing_runs_or_the_ratio_is_zero(engine_with) -> None:
+    engine, steps = engine_with(MAX_WAITING_TOKENS="1000", WAITING_SERVED_RATIO="0")
+    running = start_running(engine, 40)
+    arrival = engine.generator.submit(request(engine, PROMPTS[2], 2))
+    arrival.result(timeout=60)
+    assert [size for method, size in steps.log if method == "prefill"] == [2, 1]
+    for handle in running:
+        handle.cancel()

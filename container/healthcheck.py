@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Docker HEALTHCHECK: exit 0 when the server's GET /health answers 200, else 1.
+"""Docker HEALTHCHECK: exit 0 when the server's GET /ping answers 200, else 1 (/ping: both
+serving stacks have it, Multi Model Server has no /health).
 
 Usage: `healthcheck [PID]`. The port is found as the server finds it: a `--port` flag of the
 server process (PID, default 1: in the container the entrypoint execs the server, so it is PID 1),
@@ -45,8 +46,8 @@ def health_port(argv: Sequence[str], environ: Mapping[str, str]) -> int:
 
 
 def healthy(port: int) -> bool:
-    """True when GET /health on this machine answers 200 (503 while loading or draining)."""
-    url = f"http://127.0.0.1:{port}/health"
+    """True when GET /ping on this machine answers 200 (503 while loading or draining)."""
+    url = f"http://127.0.0.1:{port}/ping"
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response:
             return response.status == 200

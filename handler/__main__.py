@@ -1,8 +1,9 @@
 """Command line: `python -m handler serve [flags]` and `python -m handler generate PROMPT [flags]`.
 
 `serve` is what SageMaker runs (`docker run IMAGE serve`): gunicorn with one worker that owns
-the model (see `handler.server.launcher`). Configuration errors stop start-up with exit status 2
-before anything is loaded.
+the model (see `handler.server.launcher`), or with `SERVING_STACK=mms` Multi Model Server through
+the SageMaker inference toolkit (see `handler.mms.launcher`). Configuration errors stop start-up
+with exit status 2 before anything is loaded.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_settings(settings)
     if command == "generate":
         return generate(prompt, settings)
+    if command == "serve" and settings.serving_stack == "mms":
+        from handler.mms.launcher import serve as serve_mms
+
+        return serve_mms(settings, argv, dict(os.environ))
     if command == "serve":
         from handler.server.launcher import serve
 

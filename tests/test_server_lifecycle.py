@@ -68,7 +68,7 @@ def test_sigterm_refuses_new_requests_finishes_running_ones_and_exits_0(
     smollm2_dir: Path, tmp_path: Path
 ) -> None:
     server = launch_server(smollm2_dir, tmp_path, SHUTDOWN_GRACE_SECONDS="25")
-    body = {"inputs": COUNTING, "parameters": {"max_new_tokens": 80, "details": True}}
+    body = {"inputs": COUNTING, "parameters": {"max_new_tokens": 30, "details": True}}
     streams = [
         requests.post(f"{server.url}/generate_stream", json=body, stream=True, timeout=60)
         for _ in range(2)
@@ -84,7 +84,7 @@ def test_sigterm_refuses_new_requests_finishes_running_ones_and_exits_0(
     assert requests.get(f"{server.url}/ping", timeout=2).status_code == 503
     for stream_lines in lines:
         events = list(data_events(stream_lines))
-        assert events[-1]["details"]["generated_tokens"] == 80
+        assert events[-1]["details"]["generated_tokens"] == 30
         assert events[-1]["generated_text"]
     assert server.process.wait(timeout=60) == 0, server.log()
     assert "drained: 0 requests left" in server.log()

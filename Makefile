@@ -43,3 +43,19 @@ serve: install test-model
 
 bench-engine: install test-model
 	$(PYTHON) -m benchmarks.engine --repeats 3 --out benchmarks/results/engine.json
+
+# End to end: our server (batch 8 and 16), the bare transformers ceiling and the SageMaker HF
+# toolkit peer (own virtual environment, created on first use; needs java), same prompts and
+# levels. About 15 minutes on 2 cores; run it on a quiet machine. bench-quick is a smoke run.
+.PHONY: bench bench-quick
+BENCH_STAMP := .make/bench-$(shell cat requirements-bench.txt | sha1sum | cut -c1-12)
+
+$(BENCH_STAMP): requirements-bench.txt
+	$(PIP) install --quiet -r requirements-bench.txt
+	mkdir -p .make && touch $@
+
+bench: install test-model $(BENCH_STAMP)
+	$(PYTHON) -m benchmarks.e2e --readme README.md $(ARGS)
+
+bench-quick: install test-model $(BENCH_STAMP)
+	$(PYTHON) -m benchmarks.e2e --quick $(ARGS)

@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -32,21 +29,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from transformers import (
-    AutoModelForCausalLM,
-    DynamicCache,
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
     RepetitionPenaltyLogitsProcessor,
-    StaticCache,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
 
+from benchmarks.ceiling import (
+    HIGH_ID,
+    LOW_ID,
+    SEED,
+    bare_decode_tok_s,
+    load_bare_model,
+    random_prompts,
+)
+from benchmarks.machine import machine
 from handler.config import read_settings
 from handler.engine import Engine, build_torch_engine
 from handler.generation.request import ErrorEvent, GenerationRequest, RequestHandle, TokenEvent
@@ -60,8 +62,6 @@ SELECTION_BATCH = 32
 SELECTION_PROMPT_TOKENS = 64
 VOCABS = (49_152, 128_256)
 QUICK_VOCABS = (49_152,)
-LOW_ID, HIGH_ID = 100, 40_000
-SEED = 0
 EVENT_TIMEOUT_S = 600.0
 PREFILL_ATTEMPTS = 3
 _STARTED = time.perf_counter()
@@ -105,75 +105,7 @@ class SelectionResult:
     meets_target: bool | None
 
 
-def machine() -> dict[str, Any]:
-    """The machine and library versions the numbers were taken on."""
-    lscpu = _lscpu()
-    sockets = _int_or_none(lscpu.get("Socket(s)"))
-    cores_per_socket = _int_or_none(lscpu.get("Core(s) per socket"))
-    return {
-        "processor": platform.processor() or None,
-        "cpu_model": lscpu.get("Model name"),
-        "physical_cores": sockets * cores_per_socket if sockets and cores_per_socket else None,
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def _lscpu() -> dict[str, str]:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return {}
-    pairs = (line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return {key.strip(): value.strip() for key, value in pairs}
-
-
-def _int_or_none(text: str | None) -> int | None:
-    return int(text) if text and text.isdigit() else None
-
-
-def random_prompts(batch: int, length: int, seed: int = SEED) -> torch.Tensor:
-    """`[batch, length]` token ids in `LOW_ID..HIGH_ID`, fixed by `seed`."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(LOW_ID, HIGH_ID + 1, (batch, length), generator=generator)
-
-
 # --- decode ------------------------------------------------------------------------------------
-
-
-def load_bare_model(model_dir: str) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="sdpa"
-    ).eval()
-
-
-@torch.inference_mode()
-def bare_decode_tok_s(
-    model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int, static: bool
-) -> float:
-    """Tokens/s of `new_tokens - 1` greedy decode steps after one untimed prefill."""
-    batch, length = prompt.shape
-    steps = new_tokens - 1
-    if static:
-        cache = StaticCache(config=model.config, max_cache_len=length + new_tokens)
-        prefill_kwargs = {"cache_position": torch.arange(length)}
-        step_kwargs = [{"cache_position": torch.tensor([length + i])} for i in range(steps)]
-    else:
-        cache = DynamicCache(config=model.config)
-        prefill_kwargs = {}
-        step_kwargs = [{}] * steps
-    logits = model(prompt, past_key_values=cache, use_cache=True, **prefill_kwargs).logits
-    next_ids = logits[:, -1].argmax(dim=-1)
-    start = time.perf_counter()
-    for kwargs in step_kwargs:
-        logits = model(next_ids[:, None], past_key_values=cache, use_cache=True, **kwargs).logits
-        next_ids = logits[:, -1].argmax(dim=-1)
-    return batch * steps / (time.perf_counter() - start)
 
 
 class PrefillProbe:

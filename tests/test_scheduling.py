@@ -11,7 +11,8 @@ import pytest
 
 from handler.config import read_settings
 from handler.engine import Engine, build_torch_engine
-from handler.generation.request import GenerationRequest, TokenEvent
+from handler.errors import GenerationError
+from handler.generation.request import GenerationRequest, SamplingParams, TokenEvent
 from tests.conftest import PROMPTS
 
 
@@ -109,3 +110,22 @@ def test_nothing_is_held_when_nothing_runs_or_the_ratio_is_zero(engine_with) -> 
     assert [size for method, size in steps.log if method == "prefill"] == [2, 1]
     for handle in running:
         handle.cancel()
+
+
+def test_a_request_that_cannot_start_fails_alone(engine_with, monkeypatch) -> None:
+    engine, _ = engine_with()
+    real = engine.backend.assign
+
+    def assign(slot: int, params) -> None:
+        if params.seed == 666:
+            raise OverflowError("injected")
+        real(slot, params)
+
+    monkeypatch.setattr(engine.backend, "assign", assign)
+    bad = request(engine, PROMPTS[0], 4)
+    bad.params = SamplingParams(do_sample=True, seed=666)
+    with pytest.raises(GenerationError, match="could not start"):
+        engine.generator.submit(bad).result(timeout=60)
+    assert engine.generator.healthy and engine.generator.in_flight == 0
+    _, final = engine.generator.submit(request(engine, PROMPTS[1], 3)).result(timeout=60)
+    assert final.generated_tokens == 3

@@ -7,6 +7,7 @@ prompt.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -23,9 +24,34 @@ if TYPE_CHECKING:
 
 Schema = TypeVar("Schema", bound=pydantic.BaseModel)
 
-STRICT = pydantic.ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+STRICT = pydantic.ConfigDict(
+    strict=True, allow_inf_nan=False, extra="ignore", use_attribute_docstrings=True
+)
 """Wire schemas take JSON types as they are (no `"5"` for 5, no NaN) and ignore unknown fields,
-as TGI's serde structs do."""
+as TGI's serde structs do. Field docstrings become descriptions in `/openapi.json`."""
+
+TEMPERATURE_RANGE = (1e-4, 1e4)
+"""Accepted temperatures are clamped into this range: the token selector and Neuron's sampling
+parameters are float32, where 1e300 overflows (and failed the whole step) and 1e-300 divides
+the logits into infinities. Below 1e-4 sampling is already greedy, above 1e4 already uniform."""
+REPETITION_PENALTY_RANGE = (1e-4, 1e4)
+"""Accepted repetition penalties are clamped into this range, for the same float32 reason."""
+
+
+class Answer(pydantic.BaseModel):
+    """Base of the answer schemas: they document what the formatting functions send."""
+
+    model_config = pydantic.ConfigDict(use_attribute_docstrings=True)
+
+
+class ErrorResponse(Answer):
+    """TGI's error body, the answer to every failed request (and the last event of a failed
+    TGI stream)."""
+
+    error: str
+    """What went wrong and what to change; never the prompt, never a traceback."""
+    error_type: str
+    """`validation`, `overloaded`, `generation`, `healthcheck`, `bad_request`..."""
 
 
 @dataclass(frozen=True)
@@ -47,11 +73,22 @@ def parse(schema: type[Schema], body: Any) -> Schema:
     try:
         return schema.model_validate(body)
     except pydantic.ValidationError as exc:
+        known = _field_names(schema)
         problems = []
         for error in exc.errors(include_url=False, include_input=False)[:3]:
-            where = ".".join(str(part) for part in error["loc"]) or "body"
-            problems.append(f"`{where}`: {error['msg']}")
+            # Only field names and indices: a key of a free-form object is the caller's text,
+            # and pydantic's union tags (`list[str]`) mean nothing to the caller.
+            parts = [str(p) for p in error["loc"] if isinstance(p, int) or p in known]
+            problems.append(f"`{'.'.join(parts) or 'body'}`: {error['msg']}")
         raise ValidationError("; ".join(problems)) from None
+
+
+@functools.cache
+def _field_names(schema: type[pydantic.BaseModel]) -> frozenset[str]:
+    """Every property name of `schema` and the models nested in it."""
+    document = schema.model_json_schema()
+    objects = [document, *document.get("$defs", {}).values()]
+    return frozenset(name for obj in objects for name in obj.get("properties", {}))
 
 
 def _json_type(value: Any) -> str:
@@ -148,16 +185,25 @@ def sampling_params(
                 raise on_device_sampling_error(name)
     return SamplingParams(
         do_sample=do_sample,
-        temperature=temperature if temperature is not None else 1.0,
+        temperature=_clamp(temperature, TEMPERATURE_RANGE) if temperature is not None else 1.0,
         top_k=min(top_k or 0, ctx.vocab_size),
         top_p=top_p if top_p is not None else 1.0,
         typical_p=typical_p if typical_p is not None else 1.0,
-        repetition_penalty=repetition_penalty if repetition_penalty is not None else 1.0,
+        repetition_penalty=(
+            _clamp(repetition_penalty, REPETITION_PENALTY_RANGE)
+            if repetition_penalty is not None
+            else 1.0
+        ),
         frequency_penalty=frequency_penalty or 0.0,
         presence_penalty=presence_penalty or 0.0,
         seed=seed,
         top_n_tokens=top_n,
     )
+
+
+def _clamp(value: float, bounds: tuple[float, float]) -> float:
+    low, high = bounds
+    return min(max(value, low), high)
 
 
 def on_device_sampling_error(name: str) -> ValidationError:

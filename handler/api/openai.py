@@ -19,6 +19,7 @@ import pydantic
 from handler.api.common import (
     SSE_DONE,
     STRICT,
+    Answer,
     ApiContext,
     encode,
     finite,
@@ -108,6 +109,135 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
+
+
+# --- answers (the OpenAPI document's response schemas) -----------------------------------------
+
+FinishReasonName = Literal["stop", "length"]
+
+
+class TopLogprob(Answer):
+    token: str
+    logprob: float | None
+    bytes: list[int]
+
+
+class ChatLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Answer):
+    content: list[ChatLogprob]
+
+
+class AssistantMessage(Answer):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(Answer):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReasonName
+
+
+class Usage(Answer):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(Answer):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    """The request's `model`, echoed; else the served model's id."""
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(Answer):
+    role: Literal["assistant"] | None = None
+    """In the first chunk only."""
+    content: str
+
+
+class ChatChunkChoice(Answer):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReasonName | None
+
+
+class ChatCompletionChunk(Answer):
+    """One server-sent event of a chat stream; the stream ends with `data: [DONE]`."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChunkChoice]
+    """Empty in the last chunk, which carries `usage` (`stream_options.include_usage`)."""
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(Answer):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float | None]]
+    text_offset: list[int]
+
+
+class CompletionChoice(Answer):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReasonName | None
+    """Null in stream chunks before the last one of a choice."""
+
+
+class Completion(Answer):
+    """The `/v1/completions` answer, and each event of its stream (ended by `data: [DONE]`)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class StreamErrorDetail(Answer):
+    message: str
+    type: str
+    code: int
+    """The HTTP status the error would have had before the stream started."""
+
+
+class StreamError(Answer):
+    """The last event of a failed OpenAI stream (what the `openai` client parses)."""
+
+    error: StreamErrorDetail
+
+
+class ModelCard(Answer):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(Answer):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+# --- validation ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 
 from handler.api.common import (
     STRICT,
+    Answer,
     ApiContext,
     encode,
     finite,
@@ -44,32 +45,158 @@ class GenerateParameters(pydantic.BaseModel):
     model_config = STRICT
 
     best_of: int | None = None
+    """Only 1 (or nothing)."""
     decoder_input_details: bool = False
+    """Report the prompt tokens with their log-probabilities (not when streaming)."""
     details: bool = False
+    """Report the finish reason, the seed and every token."""
     do_sample: bool = False
+    """Sample instead of choosing the most likely token; without `parameters` it is on."""
     frequency_penalty: float | None = None
+    """In [-2, 2]: lowers a token's logit by this much per occurrence so far."""
     grammar: Any = None
+    """Not implemented: refused."""
     max_new_tokens: int | None = None
+    """At least 1; prompt + new tokens at most `max_total_tokens`. Default: all that is left."""
     repetition_penalty: float | None = None
+    """Above 0 (clamped into [1e-4, 1e4]); 1 is none."""
     return_full_text: bool | None = None
+    """Put the prompt in front of `generated_text`."""
     seed: int | None = None
+    """In [0, 2^64) when sampling: the same seed gives the same text."""
     stop: list[str] = pydantic.Field(default_factory=list)
+    """Up to `max_stop_sequences` texts that end the answer (and stay in it)."""
     temperature: float | None = None
+    """Above 0 (clamped into [1e-4, 1e4]); any value other than 1 samples."""
     top_k: int | None = None
+    """At least 1: sample among the k most likely tokens."""
     top_n_tokens: int | None = None
+    """Up to `max_top_n_tokens`: report that many most likely tokens at each step."""
     top_p: float | None = None
+    """In (0, 1): sample among the most likely tokens holding this much probability."""
     truncate: int | None = None
+    """In (0, `max_input_tokens`]: keep only the last tokens of the prompt."""
     typical_p: float | None = None
+    """In (0, 1): locally typical sampling."""
     watermark: bool = False
+    """Not implemented: refused when true."""
     adapter_id: str | None = None
+    """Not implemented: refused."""
 
 
 class GenerateRequest(pydantic.BaseModel):
     model_config = STRICT
 
     inputs: str
+    """The prompt, at most `max_input_tokens` tokens (unless `truncate`)."""
     parameters: GenerateParameters | None = None
     stream: bool = False
+    """On POST `/` and `/invocations`: answer with server-sent events."""
+
+
+# --- answers (the OpenAPI document's response schemas) -----------------------------------------
+
+FinishReasonName = Literal["length", "eos_token", "stop_sequence"]
+
+
+class TokenInfo(Answer):
+    id: int
+    text: str
+    logprob: float | None
+    """Null for the first prompt token, and where the model gives none (on-device sampling)."""
+    special: bool
+
+
+class Details(Answer):
+    finish_reason: FinishReasonName
+    generated_tokens: int
+    seed: int | None
+    prefill: list[TokenInfo]
+    """The prompt tokens, with `decoder_input_details`."""
+    tokens: list[TokenInfo]
+    top_tokens: list[list[TokenInfo]] | None = None
+    """With `top_n_tokens`: the most likely tokens at each step."""
+
+
+class GenerateResponse(Answer):
+    """The answer of `/generate`; POST `/` and `/invocations` answer a list of one."""
+
+    generated_text: str
+    details: Details | None = None
+    """With `details`."""
+
+
+class StreamDetails(Answer):
+    finish_reason: FinishReasonName
+    generated_tokens: int
+    seed: int | None
+    input_length: int
+
+
+class StreamResponse(Answer):
+    """One server-sent event of a TGI stream (`data: {json}`); the last carries the text."""
+
+    index: int
+    """From 1."""
+    token: TokenInfo
+    top_tokens: list[TokenInfo] | None = None
+    generated_text: str | None
+    details: StreamDetails | None
+
+
+class TokenizedToken(Answer):
+    id: int
+    text: str
+    start: int
+    """UTF-8 byte offset of the token's text in the input."""
+    stop: int
+
+
+class ChatTokenizeResponse(Answer):
+    tokenize_response: list[TokenizedToken]
+    templated_text: str
+
+
+class Info(Answer):
+    """`/info`: TGI's fields, then this server's."""
+
+    model_id: str | None
+    model_sha: str | None
+    model_pipeline_tag: str
+    max_concurrent_requests: int
+    max_best_of: int
+    max_stop_sequences: int
+    max_input_tokens: int
+    max_total_tokens: int
+    validation_workers: int
+    max_client_batch_size: int
+    router: str
+    version: str
+    sha: str | None
+    docker_label: str | None
+    max_batch_size: int
+    max_batch_prefill_tokens: int
+    backend: str | None
+    device: str | None
+    dtype: str | None
+    on_device_sampling: bool
+    status: str
+
+
+class Health(Answer):
+    status: Literal["ready"]
+
+
+class Unhealthy(Answer):
+    """503 from the health checks: loading, draining, or the scheduler died."""
+
+    error: str
+    error_type: Literal["healthcheck"]
+    status: str
+    """`starting`, `downloading`, `loading`, `warming_up`, `draining`, `failed`..."""
+
+
+# --- validation ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

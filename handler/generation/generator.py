@@ -208,22 +208,33 @@ class Generator:
             self._waiting.popleft()
             budget -= length
             slot = free[len(admitted)]
-            request = handle.request
-            seed = self.selector.assign(slot.index, request.params, request.prompt_ids)
-            self.backend.assign(slot.index, request.params)
-            if self.on_device_sampling:
-                seed = None
-            stopping = StoppingCriteria(
-                request.max_new_tokens,
-                request.stop_sequences,
-                self.eos_token_ids,
-                self.max_total_tokens,
-                ignore_eos=request.ignore_eos,
-            )
-            slot.assign(handle, self.tokenizer, stopping, seed)
+            try:
+                self._assign(slot, handle)
+            except Exception as exc:  # this request cannot start: fail it alone
+                logger.error("admitting %s failed", handle.request.request_id, exc_info=exc)
+                self.selector.release(slot.index)
+                slot.release()
+                self._in_flight -= 1
+                handle.put(ErrorEvent(GenerationError(f"The request could not start: {exc}")))
+                continue
             admitted.append(slot)
         self._cond.notify_all()
         return admitted
+
+    def _assign(self, slot: Slot, handle: RequestHandle) -> None:
+        request = handle.request
+        seed = self.selector.assign(slot.index, request.params, request.prompt_ids)
+        self.backend.assign(slot.index, request.params)
+        if self.on_device_sampling:
+            seed = None
+        stopping = StoppingCriteria(
+            request.max_new_tokens,
+            request.stop_sequences,
+            self.eos_token_ids,
+            self.max_total_tokens,
+            ignore_eos=request.ignore_eos,
+        )
+        slot.assign(handle, self.tokenizer, stopping, seed)
 
     def _drop_cancelled(self) -> None:
         for slot in self.slots:

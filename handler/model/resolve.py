@@ -9,8 +9,10 @@ operator which setting to change; the token never appears in a message or a log 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -265,13 +267,27 @@ def _has_safetensors(path: Path) -> bool:
     return any(path.rglob("*.safetensors"))
 
 
+CACHE_PROBE_BYTES = 64 * 1024
+"""Written (and synced) into the hub cache at start: creating an empty file succeeds on a full
+disk, writing to it does not."""
+
+
 def _check_cache_writable(cache_dir: Path) -> None:
-    """Fail before downloading when the hub cache cannot be created or written."""
+    """Fail before downloading when the hub cache cannot be created or written, or is full."""
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=cache_dir):
-            pass
+        with tempfile.TemporaryFile(dir=cache_dir) as probe:
+            probe.write(b"\0" * CACHE_PROBE_BYTES)
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ConfigError(
+                f"The hub cache directory {cache_dir} is full ({exc.strerror or exc}); models "
+                "are downloaded there. Free space on that volume, give the container a larger "
+                "one (SageMaker: volume_size; docker: a bigger /data volume), or set "
+                "HUGGINGFACE_HUB_CACHE (or HF_HOME) to a directory with room for the model."
+            ) from exc
         raise ConfigError(
             f"The hub cache directory {cache_dir} cannot be created or written "
             f"({exc.strerror or exc}); models are downloaded there. Set HUGGINGFACE_HUB_CACHE "

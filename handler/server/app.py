@@ -11,6 +11,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
+import select
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +22,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from handler import __version__
-from handler.api import openai, tgi
+from handler.api import openai, openapi, tgi
 from handler.api.common import SSE_KEEPALIVE, ApiContext, dumps, parse, stream_error
 from handler.errors import (
     ClientError,
@@ -44,6 +46,19 @@ logger = logging.getLogger("handler.requests")
 
 POLL_SECONDS = 0.5
 """How often a request waiting for its first token checks that its client is still there."""
+SEND_TIMEOUT_SECONDS = 30.0
+"""A write to a client that blocks this long ends the request: a client that stopped reading
+its stream (or a large answer) has its request cancelled, its slot freed and its thread back,
+while the other streams keep their pace (the scheduler never waits for a client)."""
+STREAM_SEND_BUFFER_BYTES = 32 * 1024
+"""The kernel send buffer of a stream's connection (Linux doubles it): what a client that
+stopped reading can leave queued before a write blocks and `SEND_TIMEOUT_SECONDS` starts.
+Token events arrive far slower than any buffer drains, so a reading client never fills it."""
+LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""A JSON escape of a UTF-16 surrogate; a lone one decodes to a string no tokenizer or encoder
+accepts (a valid pair decodes to one character)."""
+SURROGATE = re.compile("[\ud800-\udfff]")
+"""A surrogate code point in a decoded string: always unpaired (pairs decode to one character)."""
 HEALTH_ROUTES = frozenset({"/ping", "/health"})
 JSON_TYPES = ("application/json", "text/json", "application/x-www-form-urlencoded", "text/plain")
 """Bodies with these content types (or none) are read as JSON: curl sends form-urlencoded and
@@ -61,13 +76,20 @@ class HttpError(ClientError):
 
 
 def client_probe(environ: dict[str, Any]) -> Callable[[], bool]:
-    """A check that the client has closed its connection (gunicorn exposes the socket)."""
+    """A check that the client has closed its connection (gunicorn exposes the socket).
+
+    It polls before peeking: on a socket with a timeout (`bound_writes`) Python's `recv` first
+    waits up to that timeout for data, even with `MSG_DONTWAIT`."""
     sock = environ.get("gunicorn.socket")
     if sock is None:
         return lambda: False
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
 
     def gone() -> bool:
         try:
+            if not poller.poll(0):
+                return False
             return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except BlockingIOError:
             return False
@@ -75,6 +97,18 @@ def client_probe(environ: dict[str, Any]) -> Callable[[], bool]:
             return True
 
     return gone
+
+
+def bound_writes(environ: dict[str, Any], streaming: bool) -> None:
+    """Make a write to this client fail after `SEND_TIMEOUT_SECONDS` instead of blocking its
+    thread (and, for a stream, its slot) for as long as the client does not read. gunicorn
+    sets the socket blocking again before the connection's next request."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return
+    sock.settimeout(SEND_TIMEOUT_SECONDS)
+    if streaming:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER_BYTES)
 
 
 class Submission:
@@ -94,37 +128,55 @@ class Submission:
         self.received_at = received_at
         self.metrics = metrics
         self.client_gone = client_gone
+        self.ended = False
+        self._yielded_at: float | None = None
 
     def events(self) -> Iterator[Event]:
         """Events up to the final or error event. If the consumer stops early (the client went
-        away, or a write to it failed) the request is cancelled and its slot freed."""
-        done = False
+        away, or a write to it failed or timed out) the request is cancelled and its slot
+        freed."""
         try:
             while True:
                 event = self.handle.poll(POLL_SECONDS)
                 checkpoint = event is None or (isinstance(event, TokenEvent) and not event.last)
                 if checkpoint and self.client_gone():
+                    self._yielded_at = None  # gone, not stalled
                     return
                 if event is None:
                     continue
                 if isinstance(event, FinalEvent):
-                    done = True
+                    self.ended = True
                     self._finished(event)
                 elif isinstance(event, ErrorEvent):
-                    done = True
+                    self.ended = True
                     self._failed(event.error)
+                self._yielded_at = time.monotonic()
                 yield event
-                if done:
+                if self.ended:
                     return
         finally:
-            if not done:
-                self.handle.cancel()
-                self.metrics.failed("cancelled")
-                logger.info(
-                    "request %s route=%s cancelled: the client disconnected",
-                    self.handle.request.request_id,
-                    self.route,
-                )
+            self.abandon()
+
+    def abandon(self, reason: str | None = None) -> None:
+        """Cancel the request unless it has ended (its client went away, stopped reading, or
+        the answer could not be formatted): frees its slot, counts and logs why."""
+        if self.ended:
+            return
+        self.ended = True
+        self.handle.cancel()
+        self.metrics.failed("cancelled")
+        if reason is None:
+            blocked = self._yielded_at is not None and (
+                time.monotonic() - self._yielded_at >= SEND_TIMEOUT_SECONDS
+            )
+            reason = (
+                f"the client stopped reading (a write blocked for {SEND_TIMEOUT_SECONDS:g} s)"
+                if blocked
+                else "the client disconnected"
+            )
+        logger.info(
+            "request %s route=%s cancelled: %s", self.handle.request.request_id, self.route, reason
+        )
 
     def result(self) -> tuple[list[TokenEvent], FinalEvent]:
         tokens: list[TokenEvent] = []
@@ -175,7 +227,8 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
     """The WSGI application. `state` says whether the engine is ready; routes take it from
     there, so the app answers health checks while the model loads."""
     settings = state.settings
-    app = Flask("handler")
+    # No static route: no request may name a file for the server to read.
+    app = Flask("handler", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.payload_limit
 
     # --- plumbing ----------------------------------------------------------------------------
@@ -196,7 +249,13 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
         raw = request.get_data(cache=True)
         content_type = (request.mimetype or "").lower()
         try:
-            return json.loads(raw)
+            data = json.loads(raw)
+        except RecursionError:
+            raise HttpError(
+                400,
+                "bad_request",
+                "The body is nested too deeply: this server decodes JSON up to about 1,000 levels",
+            ) from None
         except (UnicodeDecodeError, ValueError):
             if content_type and content_type not in JSON_TYPES:
                 raise HttpError(
@@ -205,10 +264,19 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
                     f"Content-Type {content_type} is not supported: send application/json",
                 ) from None
             raise HttpError(400, "bad_request", "The body is not valid JSON") from None
+        if LONE_SURROGATE_ESCAPE.search(raw) and _holds_lone_surrogate(data):
+            raise HttpError(
+                400,
+                "bad_request",
+                "The body is not valid JSON text: a string holds an unpaired UTF-16 surrogate "
+                "escape (\\ud800-\\udfff); send valid Unicode",
+            )
+        return data
 
-    def submit(route: str, requests: list[GenerationRequest]) -> list[Submission]:
+    def submit(route: str, requests: list[GenerationRequest], streaming: bool) -> list[Submission]:
         """Queue the requests (all or none: a refused one cancels those before it)."""
         engine = state.require_engine()
+        bound_writes(request.environ, streaming)
         gone = client_probe(request.environ)
         submissions: list[Submission] = []
         try:
@@ -238,7 +306,9 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
             "x-generated-tokens": str(final.generated_tokens),
         }
 
-    def event_stream(chunks: Iterator[bytes], openai_format: bool) -> Response:
+    def event_stream(
+        chunks: Iterator[bytes], openai_format: bool, submissions: list[Submission]
+    ) -> Response:
         def guarded() -> Iterator[bytes]:
             # A comment line first: the request may wait for a slot, and proxies and clients
             # see the stream open at once.
@@ -247,7 +317,13 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
                 yield from chunks
             except Exception as exc:  # a bug while formatting: end the stream with an error
                 logger.error("stream failed on %s", request_path, exc_info=exc)
+                for submission in submissions:
+                    submission.abandon("the stream failed (a server error, logged above)")
                 yield stream_error(ServerError("Internal server error"), openai=openai_format)
+            finally:
+                # Prompts of a completions stream not reached yet when the client went away.
+                for submission in submissions:
+                    submission.abandon()
 
         request_path = request.path
 
@@ -264,9 +340,10 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
         payload = parse(tgi.GenerateRequest, data)
         call = tgi.validate(context(), payload, streaming)
         submitted = time.monotonic()
-        (submission,) = submit(route, [call.request])
+        (submission,) = submit(route, [call.request], streaming)
         if streaming:
-            return event_stream(tgi.stream(call, submission.events()), openai_format=False)
+            chunks = tgi.stream(call, submission.events())
+            return event_stream(chunks, openai_format=False, submissions=[submission])
         tokens, final = submission.result()
         answer = tgi.response(call, tokens, final)
         return json_response(
@@ -284,12 +361,17 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
             payload = parse(openai.CompletionRequest, data)
             call = openai.validate_completion(ctx, payload)
         submitted = time.monotonic()
-        submissions = submit(route, call.requests)
+        submissions = submit(route, call.requests, payload.stream)
         fingerprint = f"{__version__}-{state.engine.device if state.engine else ''}"
         if payload.stream:
-            streams = [s.events() for s in submissions]
-            return event_stream(openai.stream(call, streams, fingerprint), openai_format=True)
-        results = [s.result() for s in submissions]
+            chunks = openai.stream(call, [s.events() for s in submissions], fingerprint)
+            return event_stream(chunks, openai_format=True, submissions=submissions)
+        try:
+            results = [s.result() for s in submissions]
+        except ServingError:
+            for submission in submissions:
+                submission.abandon("another prompt of the request failed")
+            raise
         finals = [final for _, final in results]
         prompt = "" if chat else str(payload.prompt)
         extra = headers(finals[0], prompt, submitted)
@@ -372,31 +454,30 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
         engine = state.engine
         settings = engine.settings if engine else state.settings
         shape = engine.backend.shape if engine else None
-        return json_response(
-            {
-                "model_id": engine.model_id if engine else settings.model_id,
-                "model_sha": None,
-                "model_pipeline_tag": "text-generation",
-                "max_concurrent_requests": settings.max_concurrent_requests,
-                "max_best_of": settings.max_best_of,
-                "max_stop_sequences": settings.max_stop_sequences,
-                "max_input_tokens": settings.max_input_tokens,
-                "max_total_tokens": settings.max_total_tokens,
-                "validation_workers": 1,
-                "max_client_batch_size": settings.max_client_batch_size,
-                "router": "hf-neuron-serving",
-                "version": __version__,
-                "sha": None,
-                "docker_label": None,
-                "max_batch_size": settings.max_batch_size,
-                "max_batch_prefill_tokens": settings.max_batch_prefill_tokens,
-                "backend": engine.backend_name if engine else None,
-                "device": engine.device if engine else None,
-                "dtype": engine.dtype if engine else None,
-                "on_device_sampling": getattr(shape, "on_device_sampling", False),
-                "status": state.stage.value,
-            }
+        info = tgi.Info(
+            model_id=engine.model_id if engine else settings.model_id,
+            model_sha=None,
+            model_pipeline_tag="text-generation",
+            max_concurrent_requests=settings.max_concurrent_requests,
+            max_best_of=settings.max_best_of,
+            max_stop_sequences=settings.max_stop_sequences,
+            max_input_tokens=settings.max_input_tokens,
+            max_total_tokens=settings.max_total_tokens,
+            validation_workers=1,
+            max_client_batch_size=settings.max_client_batch_size,
+            router="hf-neuron-serving",
+            version=__version__,
+            sha=None,
+            docker_label=None,
+            max_batch_size=settings.max_batch_size,
+            max_batch_prefill_tokens=settings.max_batch_prefill_tokens,
+            backend=engine.backend_name if engine else None,
+            device=engine.device if engine else None,
+            dtype=engine.dtype if engine else None,
+            on_device_sampling=getattr(shape, "on_device_sampling", False),
+            status=state.stage.value,
         )
+        return json_response(info.model_dump())
 
     @app.get("/v1/models")
     def models_route() -> Response:
@@ -405,6 +486,10 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
     @app.get("/metrics")
     def metrics_route() -> Response:
         return Response(metrics.render(), mimetype=CONTENT_TYPE.split(";")[0])
+
+    @app.get("/openapi.json")
+    def openapi_route() -> Response:
+        return json_response(openapi.document())
 
     @app.get("/ping")
     @app.get("/health")
@@ -466,6 +551,23 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
 
 def _is_root_get() -> bool:
     return request.path == "/" and request.method == "GET"
+
+
+def _holds_lone_surrogate(data: Any) -> bool:
+    """True when a string (or key) anywhere in decoded JSON holds a surrogate code point; walks
+    without recursion, since the body may be nested as deep as the JSON decoder allows."""
+    pending = [data]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 def tokenize(ctx: ApiContext, text: str, add_special_tokens: bool) -> list[dict[str, Any]]:

@@ -14,18 +14,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.gthread import ThreadWorker
 
 from handler.config import Settings
-from handler.server.app import create_app
+from handler.server.app import SEND_TIMEOUT_SECONDS, create_app
 from handler.server.metrics import Metrics
 from handler.server.state import ServerState
 
@@ -51,6 +54,35 @@ class DrainingWorker(ThreadWorker):
             ThreadWorker.handle_exit(self, sig, frame)
 
         threading.Thread(target=drain, name="drain", daemon=True).start()
+
+
+class StalledClientFilter(logging.Filter):
+    """gunicorn logs a write that timed out (`SEND_TIMEOUT_SECONDS`) as a socket error with a
+    traceback; it is a client that stopped reading, which the request log line already names."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, TimeoutError):
+            record.msg = "a write to a client blocked for %g s: connection closed"
+            record.args = (SEND_TIMEOUT_SECONDS,)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def write_json_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
+    """gunicorn's answer to a request it cannot parse (a bad request line or header, before the
+    app sees it) with TGI's error body instead of an HTML page."""
+    error_type = reason.lower().replace(" ", "_")
+    body = json.dumps(
+        {"error": f"{reason}: {message}" if message else reason, "error_type": error_type}
+    )
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    gunicorn_util.write_nonblock(sock, (head + body).encode("latin-1"))
 
 
 class ServingApplication(BaseApplication):
@@ -88,6 +120,9 @@ class ServingApplication(BaseApplication):
         state = ServerState(settings)
         metrics = Metrics()
         _state = state
+        logging.getLogger("gunicorn.error").addFilter(StalledClientFilter())
+        # gunicorn has no hook for the body of the errors it answers itself.
+        gunicorn_util.write_error = write_json_error
 
         def loader(state: ServerState) -> Any:
             from handler.engine import load_engine  # torch loads here, not before binding

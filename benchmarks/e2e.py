@@ -1,0 +1,362 @@
+"""End-to-end benchmark: our server, the ceiling and a real peer, in one run, on SmolLM2.
+
+    python -m benchmarks.e2e                # what `make bench` runs (about 15 minutes)
+    python -m benchmarks.e2e --quick        # smoke run: levels 1 and 4, 16 new tokens
+
+1. Our server over HTTP (`python -m handler serve`), once with `MAX_BATCH_SIZE=8` and once with
+   16: closed-loop levels of C streaming clients, then Poisson arrivals (`benchmarks.load`).
+2. The ceiling: the fastest bare `transformers` loop at batch = C, in the server's dtype
+   (`benchmarks.ceiling`), plus the bare prefill of each prompt and the bare decode step.
+3. The peer: the SageMaker Hugging Face inference toolkit with MMS, one worker, over
+   POST `/invocations` (`benchmarks.peer`), the same levels.
+
+Before each measurement the run waits (up to `--quiet-timeout` s) until processes that are not ours
+use less than `--quiet-cores` CPU cores, and records what it saw. Writes `--out` (JSON), the
+Markdown table beside it (`.md`) and the plots (`-throughput.png`, `-latency.png`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+from transformers import AutoTokenizer
+
+from benchmarks import report as reporting
+from benchmarks.ceiling import measure_ceiling
+from benchmarks.load import (
+    PROMPTS,
+    Client,
+    LoadResult,
+    SageMakerInvocations,
+    TgiStream,
+    run_arrivals,
+    run_level,
+)
+from benchmarks.machine import machine
+from benchmarks.monitor import GroupMonitor, Quiet, group_processes, wait_for_quiet
+from benchmarks.peer import default_venv, ensure_venv, start_peer
+from benchmarks.servers import ServerProcess, start_ours
+
+_STARTED = time.perf_counter()
+
+
+@dataclass(frozen=True)
+class Options:
+    levels: list[int]
+    batch_sizes: list[int]
+    max_new_tokens: int
+    max_total_tokens: int
+    rounds: int
+    """Measured requests per client at each level."""
+    warmup_rounds: int
+    arrival_rate: float | None
+    """Requests/s under arrivals; None: `arrival_load` x our requests/s at C = batch size."""
+    arrival_load: float
+    arrival_requests_per_slot: int
+    """Requests of the arrivals run per slot of the server's batch."""
+    ceiling_repeats: int
+    dtype: str | None
+    """Our server's and the ceiling's dtype; None: the server's default."""
+    quiet_cores: float
+    """Other processes' CPU use (cores) under which the machine counts as quiet."""
+    quiet_timeout_s: float
+    retries: int
+    """Runs of a measurement again when other processes were busy during it."""
+    peer: bool
+    peer_venv: str
+    model_dir: str
+    quick: bool
+
+
+def progress(message: str) -> None:
+    elapsed = time.perf_counter() - _STARTED
+    print(f"[benchmarks.e2e {elapsed:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def settle(options: Options, server: ServerProcess | None) -> Quiet:
+    """Wait for the machine to calm down; processes of `server` are ours and do not count."""
+    ours = {p.pid for p in group_processes(server.pgid)} if server else set()
+    quiet = wait_for_quiet(ours, options.quiet_cores, options.quiet_timeout_s)
+    if not quiet.quiet:
+        progress(
+            f"machine still busy after {quiet.waited_s:.0f} s ({quiet.other_cpu_cores:.2f} "
+            f"cores: {', '.join(quiet.busiest)}); measuring anyway, recorded as not quiet"
+        )
+    return quiet
+
+
+def measure(
+    options: Options,
+    server: ServerProcess,
+    what: str,
+    run_once: Callable[[Quiet], LoadResult],
+) -> LoadResult:
+    """Run one measurement once the machine is quiet; run it again (at most `options.retries`
+    times) when other processes used CPU during it, and keep the least disturbed run."""
+    best: LoadResult | None = None
+    for attempt in range(options.retries + 1):
+        quiet = settle(options, server)
+        progress(what if attempt == 0 else f"{what}, again (attempt {attempt + 1})")
+        result = run_once(quiet)
+        others = result.server.others_cpu_cores if result.server else 0.0
+        if best is None or best.server is None or others < best.server.others_cpu_cores:
+            best = result
+        if others < options.quiet_cores:
+            break
+        progress(f"{what}: other processes used {others:.2f} cores during the measurement")
+    assert best is not None
+    return best
+
+
+def run_levels(
+    options: Options, client: Client, server: ServerProcess, monitor: GroupMonitor, name: str
+) -> list[LoadResult]:
+    results = []
+    for level in options.levels:
+        result = measure(
+            options,
+            server,
+            f"{name}: {level} clients",
+            lambda quiet, level=level: run_level(
+                client, level, options.rounds, options.warmup_rounds, monitor=monitor, quiet=quiet
+            ),
+        )
+        progress(
+            f"{name}: {level} clients: {result.tok_s:.1f} tok/s, TTFT p50 "
+            f"{result.ttft_p50_ms or 0:.0f} ms, {result.errors} errors"
+        )
+        results.append(result)
+    return results
+
+
+def arrival_rate(options: Options, batch: int, levels: Sequence[LoadResult]) -> float:
+    """The given rate, else `arrival_load` x the requests/s measured with C = `batch` clients
+    (or the largest level below it)."""
+    if options.arrival_rate:
+        return options.arrival_rate
+    below = [lv for lv in levels if lv.concurrency and lv.concurrency <= batch] or list(levels)
+    return options.arrival_load * max(below, key=lambda lv: lv.concurrency or 0).req_s
+
+
+def bench_ours(options: Options, batch: int, work: Path) -> dict[str, Any]:
+    name = f"ours-b{batch}"
+    progress(f"{name}: starting the server (MAX_BATCH_SIZE={batch})")
+    server = start_ours(
+        options.model_dir, batch, options.max_total_tokens, work, dtype=options.dtype
+    )
+    with server, GroupMonitor(server.pgid) as monitor:
+        info = requests.get(f"{server.url}/info", timeout=10).json()
+        client = TgiStream(server.url, options.max_new_tokens)
+        levels = run_levels(options, client, server, monitor, name)
+        rate = arrival_rate(options, batch, levels)
+        count = options.arrival_requests_per_slot * batch
+        arrivals = measure(
+            options,
+            server,
+            f"{name}: {count} requests arriving at {rate:.2f}/s",
+            lambda quiet: run_arrivals(client, rate, count, monitor=monitor, quiet=quiet),
+        )
+        progress(f"{name}: arrivals: ITL p90 {arrivals.itl_p90_ms or 0:.1f} ms")
+    runs = [*levels, arrivals]
+    memory = reporting.model_memory(options.model_dir, info["dtype"])
+    return {
+        "label": f"ours, batch {batch}",
+        "batch_size": batch,
+        "max_total_tokens": options.max_total_tokens,
+        "streaming": True,
+        "info": {k: info.get(k) for k in ("backend", "device", "dtype", "max_batch_size")},
+        "levels": [r.as_dict() for r in levels],
+        "arrivals": arrivals.as_dict(),
+        "peak_rss_mib": max(r.server.peak_rss_mib for r in runs if r.server),
+        "memory": {
+            "dtype": info["dtype"],
+            "parameters": memory.parameters,
+            "weights_mib": memory.weights_mib,
+            "kv_cache_mib": memory.kv_cache_mib(batch, options.max_total_tokens),
+        },
+    }
+
+
+def bench_peer(options: Options, work: Path) -> dict[str, Any]:
+    venv = ensure_venv(Path(options.peer_venv))
+    progress("peer: starting the SageMaker HF inference toolkit (MMS, one worker)")
+    server = start_peer(options.model_dir, venv, work / "peer")
+    with server, GroupMonitor(server.pgid) as monitor:
+        client = SageMakerInvocations(server.url, options.max_new_tokens)
+        levels = run_levels(options, client, server, monitor, "peer")
+    return {
+        "label": "peer (HF toolkit + MMS)",
+        "streaming": False,
+        "levels": [r.as_dict() for r in levels],
+        "peak_rss_mib": max(r.server.peak_rss_mib for r in levels if r.server),
+    }
+
+
+def bench_ceiling(options: Options, dtype: str) -> dict[str, Any]:
+    batches = sorted({*options.levels, *options.batch_sizes})
+    settle(options, None)
+    progress(f"ceiling: bare transformers loop, {dtype}, batch sizes {batches}")
+    ceiling = measure_ceiling(
+        options.model_dir,
+        PROMPTS,
+        batches,
+        options.max_new_tokens,
+        options.ceiling_repeats,
+        dtype,
+    )
+    for point in ceiling.points:
+        progress(
+            f"ceiling: batch {point.batch_size}: {point.tok_s:.1f} tok/s ({point.faster_path}), "
+            f"step {point.step_ms:.1f} ms"
+        )
+    gc.collect()
+    return asdict(ceiling)
+
+
+def run(options: Options) -> dict[str, Any]:
+    tokenizer = AutoTokenizer.from_pretrained(options.model_dir)
+    lengths = [len(tokenizer(p).input_ids) for p in PROMPTS]
+    report: dict[str, Any] = {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "options": asdict(options),
+        "prompts": {"count": len(PROMPTS), "tokens": lengths, "mean": statistics.mean(lengths)},
+        "systems": {},
+    }
+    work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    try:
+        for batch in options.batch_sizes:
+            report["systems"][f"ours-b{batch}"] = bench_ours(options, batch, work)
+        dtype = options.dtype or next(
+            (s["info"]["dtype"] for s in report["systems"].values()), "float32"
+        )
+        report["systems"]["ceiling"] = bench_ceiling(options, dtype)
+        if options.peer:
+            report["systems"]["peer"] = bench_peer(options, work)
+    except BaseException:
+        progress(f"failed: the servers' logs are kept in {work}")
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    report["duration_s"] = time.perf_counter() - _STARTED
+    return report
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _ints(text: str) -> list[int]:
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of positive integers")
+    return values
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Options, Path, Path | None]:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.e2e",
+        description="Our server, the bare transformers ceiling and the SageMaker HF toolkit peer.",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default results/e2e.json")
+    parser.add_argument("--levels", type=_ints, default=None, help="default 1,4,8,16")
+    parser.add_argument("--batch-sizes", type=_ints, default=[8, 16])
+    parser.add_argument("--max-new-tokens", type=_positive, default=None, help="default 64")
+    parser.add_argument("--max-total-tokens", type=_positive, default=512)
+    parser.add_argument("--rounds", type=_positive, default=None, help="default 2")
+    parser.add_argument("--warmup-rounds", type=int, default=1)
+    parser.add_argument("--arrival-rate", type=float, default=None, help="requests/s")
+    parser.add_argument(
+        "--arrival-load",
+        type=float,
+        default=0.75,
+        help="without --arrival-rate: this share of the requests/s at C = batch size",
+    )
+    parser.add_argument(
+        "--arrival-requests-per-slot", type=_positive, default=None, help="default 4"
+    )
+    parser.add_argument("--ceiling-repeats", type=_positive, default=None, help="default 2")
+    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (server default otherwise)")
+    parser.add_argument("--quiet-cores", type=float, default=0.15)
+    parser.add_argument("--quiet-timeout", type=float, default=None, help="default 120 s")
+    parser.add_argument(
+        "--retries", type=int, default=None, help="measure again when disturbed; default 2"
+    )
+    parser.add_argument("--no-peer", action="store_true", help="skip the peer")
+    parser.add_argument("--peer-venv", type=Path, default=default_venv())
+    parser.add_argument("--model-dir", type=Path, default=None, help="default: bundled SmolLM2")
+    parser.add_argument(
+        "--readme", type=Path, default=None, help="update this README's benchmark summary"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: levels 1,4, 16 new tokens, 1 round, short waits; "
+        "writes results/quick/e2e.json unless --out",
+    )
+    args = parser.parse_args(argv)
+    quick = args.quick
+
+    def pick(value: Any, full: Any, smoke: Any) -> Any:
+        return value if value is not None else (smoke if quick else full)
+
+    if args.model_dir is None:
+        from handler.testing.smollm2 import ensure_model
+
+        args.model_dir = ensure_model()
+    results = Path(__file__).parent / "results"
+    out = args.out or (results / "quick" / "e2e.json" if quick else results / "e2e.json")
+    options = Options(
+        levels=pick(args.levels, [1, 4, 8, 16], [1, 4]),
+        batch_sizes=args.batch_sizes,
+        max_new_tokens=pick(args.max_new_tokens, 64, 16),
+        max_total_tokens=args.max_total_tokens,
+        rounds=pick(args.rounds, 2, 1),
+        warmup_rounds=args.warmup_rounds,
+        arrival_rate=args.arrival_rate,
+        arrival_load=args.arrival_load,
+        arrival_requests_per_slot=pick(args.arrival_requests_per_slot, 4, 1),
+        ceiling_repeats=pick(args.ceiling_repeats, 2, 1),
+        dtype=args.dtype,
+        quiet_cores=args.quiet_cores,
+        quiet_timeout_s=pick(args.quiet_timeout, 120.0, 10.0),
+        retries=pick(args.retries, 2, 0),
+        peer=not args.no_peer,
+        peer_venv=str(args.peer_venv),
+        model_dir=str(args.model_dir),
+        quick=quick,
+    )
+    return options, out, args.readme
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    options, out, readme = parse_args(argv)
+    report = run(options)
+    markdown = reporting.write(report, out)
+    progress(f"wrote {out}, {out.with_suffix('.md')} and the plots beside them")
+    if readme:
+        block = reporting.readme_block(report, reporting.relative_dir(out, readme))
+        reporting.update_readme(readme, block)
+        progress(f"updated the benchmark summary in {readme}")
+    sys.stdout.write(markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Whether the machine is quiet, and what a server's process group uses.
+
+A benchmark on 2 shared cores means little if something else runs beside it: `wait_for_quiet`
+measures the CPU time of every process that is not ours and waits until it is small.
+`GroupMonitor` samples the resident memory and CPU time of a server started in its own process
+group (`start_new_session=True`), so the Java front end and Python workers of the peer count as
+much as our gunicorn master and worker.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import psutil
+
+MIB = 1024 * 1024
+
+
+# --- process groups ----------------------------------------------------------------------------
+
+
+def group_processes(pgid: int) -> list[psutil.Process]:
+    """The live processes of process group `pgid`."""
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process)
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return members
+
+
+def _all_cpu_seconds() -> dict[int, float]:
+    return _cpu_seconds(psutil.process_iter())
+
+
+def _cpu_seconds(processes: Iterable[psutil.Process]) -> dict[int, float]:
+    seconds = {}
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        seconds[process.pid] = times.user + times.system
+    return seconds
+
+
+@dataclass(frozen=True)
+class GroupUsage:
+    """What a process group used over one measured window."""
+
+    peak_rss_mib: float
+    """Largest sum of the group's resident set sizes seen (shared pages count in each process)."""
+    cpu_cores: float
+    """CPU seconds the group used per wall second (2.0 = both cores of this machine busy)."""
+    machine_cpu_percent: float
+    """Whole-machine CPU use over the window, clients and other processes included."""
+    others_cpu_cores: float
+    """CPU seconds per wall second of every process outside the group and this one (the load
+    generator): anything above a few hundredths means someone else ran during the window."""
+
+
+class GroupMonitor:
+    """Samples a process group's summed RSS in a thread; `window()` measures its CPU use.
+
+    Membership is re-read every `rescan_s` (the peer's workers start late); RSS every `every_s`.
+    """
+
+    def __init__(self, pgid: int, every_s: float = 0.2, rescan_s: float = 2.0) -> None:
+        self.pgid = pgid
+        self.every_s = every_s
+        self.rescan_s = rescan_s
+        self._peak_rss = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="group-monitor", daemon=True)
+        self._processes: list[psutil.Process] = []
+
+    def __enter__(self) -> GroupMonitor:
+        self._processes = group_processes(self.pgid)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        last_scan = time.monotonic()
+        while not self._stop.wait(self.every_s):
+            if time.monotonic() - last_scan > self.rescan_s:
+                self._processes = group_processes(self.pgid)
+                last_scan = time.monotonic()
+            rss = 0
+            for process in self._processes:
+                try:
+                    rss += process.memory_info().rss
+                except psutil.Error:
+                    continue
+            with self._lock:
+                self._peak_rss = max(self._peak_rss, rss)
+
+    def start_window(self) -> Window:
+        """Begin a measured window: the peak RSS restarts from zero, CPU time from now."""
+        with self._lock:
+            self._peak_rss = 0
+        everything = _all_cpu_seconds()
+        psutil.cpu_percent()
+        return Window(self, time.perf_counter(), everything)
+
+    def peak_rss(self) -> int:
+        with self._lock:
+            return self._peak_rss
+
+
+@dataclass
+class Window:
+    monitor: GroupMonitor
+    started: float
+    cpu_at_start: dict[int, float]
+    """CPU seconds of every process on the machine when the window opened."""
+
+    def finish(self) -> GroupUsage:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        machine_percent = psutil.cpu_percent()
+        group = {p.pid for p in group_processes(self.monitor.pgid)}
+        # A process that started inside the window spent all its CPU time inside it.
+        used = {
+            pid: seconds - self.cpu_at_start.get(pid, 0.0)
+            for pid, seconds in _all_cpu_seconds().items()
+        }
+        ours = sum(seconds for pid, seconds in used.items() if pid in group)
+        others = sum(
+            seconds for pid, seconds in used.items() if pid not in group and pid != os.getpid()
+        )
+        return GroupUsage(
+            peak_rss_mib=self.monitor.peak_rss() / MIB,
+            cpu_cores=ours / elapsed,
+            machine_cpu_percent=machine_percent,
+            others_cpu_cores=others / elapsed,
+        )
+
+
+# --- is the machine quiet? ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Quiet:
+    """The outcome of `wait_for_quiet`: how busy the rest of the machine was when we started."""
+
+    quiet: bool
+    other_cpu_cores: float
+    """CPU seconds per second used by processes that are not ours, over the last probe."""
+    waited_s: float
+    load_average_1m: float
+    busiest: list[str]
+    """The other processes that used the most CPU over the last probe: `name pid cores`."""
+
+
+def other_cpu_use(ours: set[int], probe_s: float) -> tuple[float, list[str]]:
+    """CPU cores used over `probe_s` by every process outside `ours` (pids)."""
+    before = {p.pid: p for p in psutil.process_iter(["name"])}
+    start = _cpu_seconds(before.values())
+    time.sleep(probe_s)
+    end = _cpu_seconds(before.values())
+    use = {
+        pid: (end[pid] - start[pid]) / probe_s
+        for pid in end
+        if pid in start and pid not in ours and pid != os.getpid()
+    }
+    busiest = sorted(use, key=use.get, reverse=True)[:3]
+    names = [f"{before[pid].info['name']} {pid} {use[pid]:.2f}" for pid in busiest if use[pid]]
+    return sum(use.values()), names
+
+
+def wait_for_quiet(
+    ours: set[int], threshold_cores: float, timeout_s: float, probe_s: float = 2.0
+) -> Quiet:
+    """Wait until processes other than `ours` use less than `threshold_cores`, at most
+    `timeout_s`; return the last probe whether it was quiet or not."""
+    started = time.monotonic()
+    while True:
+        cores, busiest = other_cpu_use(ours, probe_s)
+        waited = time.monotonic() - started
+        if cores < threshold_cores or waited >= timeout_s:
+            return Quiet(
+                quiet=cores < threshold_cores,
+                other_cpu_cores=round(cores, 3),
+                waited_s=round(waited, 1),
+                load_average_1m=os.getloadavg()[0],
+                busiest=busiest,
+            )

@@ -1,0 +1,536 @@
+"""The end-to-end report: the issue's targets as ratios, a Markdown table and PNG plots.
+
+Everything here reads the JSON that `benchmarks.e2e` writes, so a report can be rebuilt without
+measuring again:
+
+    python -m benchmarks.report benchmarks/results/e2e.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+MIB = 1024 * 1024
+CEILING_SHARE = 0.95
+PEER_SPEEDUP = {8: 4.5, 16: 7.0}
+TTFT_SLACK_MS = 15.0
+ITL_FACTOR = 1.5
+RSS_SLACK_MIB = 300.0
+
+
+# --- model sizes -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelMemory:
+    """What the model needs in memory, from its config: weights and KV cache per token."""
+
+    parameters: int
+    dtype: str
+    weights_mib: float
+    kv_bytes_per_token: int
+    """Keys and values of every layer for one token of one sequence."""
+
+    def kv_cache_mib(self, batch_size: int, max_total_tokens: int) -> float:
+        return self.kv_bytes_per_token * batch_size * max_total_tokens / MIB
+
+
+def model_memory(model_dir: str, dtype: str) -> ModelMemory:
+    """Count parameters on the meta device (tied embeddings once) and size the KV cache:
+    2 x layers x kv_heads x head_dim x bytes per element, per token."""
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    parameters = sum(p.numel() for p in model.parameters())
+    itemsize = getattr(torch, dtype).itemsize
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads
+    )
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return ModelMemory(
+        parameters=parameters,
+        dtype=dtype,
+        weights_mib=parameters * itemsize / MIB,
+        kv_bytes_per_token=2 * config.num_hidden_layers * kv_heads * head_dim * itemsize,
+    )
+
+
+# --- targets -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of the issue's targets, measured: `value` against `bound` (`value / bound` = ratio)."""
+
+    number: int
+    name: str
+    system: str
+    value: float | None
+    bound: float | None
+    unit: str
+    higher_is_better: bool
+    detail: str
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None or self.bound is None:
+            return None
+        if self.higher_is_better:
+            return self.value >= self.bound
+        return self.value <= self.bound
+
+
+def _level(system: dict[str, Any], concurrency: int) -> dict[str, Any] | None:
+    return next((lv for lv in system["levels"] if lv["concurrency"] == concurrency), None)
+
+
+def _ceiling_point(report: dict[str, Any], batch: int) -> dict[str, Any] | None:
+    ceiling = report["systems"].get("ceiling")
+    if not ceiling:
+        return None
+    return next((p for p in ceiling["points"] if p["batch_size"] == batch), None)
+
+
+def targets(report: dict[str, Any]) -> list[Target]:
+    """The five targets of the issue for each of our configurations, from one run's numbers."""
+    systems = report["systems"]
+    ceiling = systems.get("ceiling")
+    peer = systems.get("peer")
+    found: list[Target] = []
+    for key, ours in systems.items():
+        if not key.startswith("ours"):
+            continue
+        batch = ours["batch_size"]
+        label = ours["label"]
+        at_batch = _level(ours, batch)
+        point = _ceiling_point(report, batch)
+        found.append(
+            Target(
+                1,
+                f"tokens/s at concurrency {batch} / ceiling at batch {batch}",
+                label,
+                at_batch["tok_s"] / point["tok_s"] if at_batch and point else None,
+                CEILING_SHARE,
+                "x",
+                True,
+                f"{_num(at_batch and at_batch['tok_s'])} vs {_num(point and point['tok_s'])} tok/s",
+            )
+        )
+        if batch in PEER_SPEEDUP and peer:
+            theirs = _level(peer, batch)
+            found.append(
+                Target(
+                    2,
+                    f"tokens/s at concurrency {batch} / peer's",
+                    label,
+                    at_batch["tok_s"] / theirs["tok_s"] if at_batch and theirs else None,
+                    PEER_SPEEDUP[batch],
+                    "x",
+                    True,
+                    f"{_num(at_batch and at_batch['tok_s'])} vs "
+                    f"{_num(theirs and theirs['tok_s'])} tok/s",
+                )
+            )
+        alone = _level(ours, 1)
+        prefill = ceiling["prefill_p50_ms"] if ceiling else None
+        found.append(
+            Target(
+                3,
+                "TTFT p50 at concurrency 1 (ms) vs bare prefill p50 + 15 ms",
+                label,
+                alone["ttft_p50_ms"] if alone else None,
+                prefill + TTFT_SLACK_MS if prefill is not None else None,
+                "ms",
+                False,
+                f"bare prefill p50 {_num(prefill, 1)} ms over the prompts, alone",
+            )
+        )
+        arrivals = ours.get("arrivals")
+        step = point["step_ms"] if point else None
+        found.append(
+            Target(
+                4,
+                f"ITL p90 under arrivals (ms) vs 1.5 x bare decode step at batch {batch}",
+                label,
+                arrivals["itl_p90_ms"] if arrivals else None,
+                ITL_FACTOR * step if step is not None else None,
+                "ms",
+                False,
+                f"bare step {_num(step, 1)} ms; "
+                + (
+                    f"{arrivals['arrival_rate_rps']:.2f} req/s, "
+                    f"{arrivals['mean_in_flight']:.1f} in flight on average"
+                    if arrivals
+                    else "no arrivals run"
+                ),
+            )
+        )
+        memory = ours.get("memory")
+        found.append(
+            Target(
+                5,
+                "server peak RSS (MiB) vs weights + KV cache + 300 MiB",
+                label,
+                ours.get("peak_rss_mib"),
+                memory["weights_mib"] + memory["kv_cache_mib"] + RSS_SLACK_MIB if memory else None,
+                "MiB",
+                False,
+                f"weights {_num(memory and memory['weights_mib'])} MiB + KV cache "
+                f"{_num(memory and memory['kv_cache_mib'])} MiB ({memory and memory['dtype']})",
+            )
+        )
+    return found
+
+
+# --- Markdown ----------------------------------------------------------------------------------
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def _mark(met: bool | None) -> str:
+    return "—" if met is None else ("yes" if met else "**no**")
+
+
+def _ratio(target: Target) -> str:
+    if target.value is None or target.bound is None:
+        return "not measured"
+    if target.unit == "x":
+        return f"{target.value:.2f}x (≥ {target.bound:g}x)"
+    share = target.value / target.bound
+    return f"{target.value:,.1f} {target.unit} (≤ {target.bound:,.1f}); {share:.2f}"
+
+
+def machine_line(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    cpu = m.get("cpu_model") or m.get("processor") or "unknown CPU"
+    cores = m.get("physical_cores")
+    return (
+        f"{cpu}, {m['usable_cpus']} usable CPUs"
+        + (f" ({cores} physical cores)" if cores else "")
+        + f", {m.get('memory_gib', '?')} GiB, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"transformers {m['transformers']}"
+    )
+
+
+def quiet_line(report: dict[str, Any]) -> str:
+    """How busy the rest of the machine was before and during the measurements."""
+    runs = [
+        lv
+        for system in report["systems"].values()
+        for lv in [*system.get("levels", []), system.get("arrivals")]
+        if lv and lv.get("quiet") and lv.get("server")
+    ]
+    if not runs:
+        return "Machine quietness was not probed."
+    threshold = report["options"]["quiet_cores"]
+    before = max(lv["quiet"]["other_cpu_cores"] for lv in runs)
+    during = max(lv["server"]["others_cpu_cores"] for lv in runs)
+    disturbed = [
+        lv
+        for lv in runs
+        if lv["server"]["others_cpu_cores"] >= threshold or not lv["quiet"]["quiet"]
+    ]
+    text = (
+        f"Other processes used at most {before:.2f} cores just before and {during:.2f} during "
+        f"each of the {len(runs)} measurements (quiet below {threshold:g})"
+    )
+    if disturbed:
+        return text + (
+            f"; {len(disturbed)} ran on a busy machine even after waiting and retrying: "
+            "treat those numbers with care."
+        )
+    return text + ": quiet throughout."
+
+
+def to_markdown(report: dict[str, Any], plots: Sequence[str] = ()) -> str:
+    o = report["options"]
+    lines = [
+        "# End-to-end benchmark",
+        "",
+        f"{machine_line(report)}. Run {report['started']}, {report['duration_s'] / 60:.0f} min.",
+        f"{quiet_line(report)}",
+        "",
+        f"SmolLM2-135M-Instruct, {report['prompts']['count']} prompts of "
+        f"{min(report['prompts']['tokens'])} to {max(report['prompts']['tokens'])} tokens, "
+        f"{o['max_new_tokens']} new tokens, greedy; closed loop of C clients, "
+        f"{o['warmup_rounds']} warm-up and {o['rounds']} measured requests per client. "
+        "All ratios below come from this one run.",
+        "",
+        "Equal lengths: the peer is asked for `min_new_tokens` = `max_new_tokens`. Our HTTP API "
+        "has no switch to ignore EOS, so our requests stop at `max_new_tokens` or EOS; the "
+        "prompts were chosen so that SmolLM2 greedy runs that long without EOS, and the mean "
+        "generated length of each level shows any difference.",
+        "",
+        "## Targets",
+        "",
+        "| # | Target | System | Measured (bound); ratio | Met | Detail |",
+        "|---:|:---|:---|:---|:---:|:---|",
+    ]
+    for t in targets(report):
+        lines.append(
+            f"| {t.number} | {t.name} | {t.system} | {_ratio(t)} | {_mark(t.met)} | {t.detail} |"
+        )
+    lines += [
+        "",
+        "## Per level",
+        "",
+        "Tokens/s: generated tokens of all successful requests / the measured window. TTFT and "
+        "ITL as the client receives server-sent events; the peer does not stream, so its TTFT is "
+        "its end-to-end time and it has no ITL. Server RSS: peak of the summed resident sets of "
+        "the server's process group; CPU: its CPU seconds per second (2 = both cores). Others' "
+        "CPU: cores used by every other process (the load generator excepted) just before and "
+        "during "
+        "the measurement; a measurement disturbed during it was run again.",
+        "",
+        "| System | C | tok/s | req/s | TTFT p50 / p90 ms | ITL p50 / p90 ms "
+        "| e2e p50 / p90 ms | mean tokens | errors | RSS MiB | CPU cores "
+        "| others' CPU before / during |",
+        "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for system in report["systems"].values():
+        if "levels" not in system:
+            continue
+        runs = [*system["levels"], *([system["arrivals"]] if system.get("arrivals") else [])]
+        for lv in runs:
+            level = (
+                str(lv["concurrency"])
+                if lv["concurrency"] is not None
+                else f"{lv['arrival_rate_rps']:.2f}/s"
+            )
+            server = lv.get("server") or {}
+            quiet = lv.get("quiet") or {}
+            lines.append(
+                f"| {system['label']} | {level} | {_num(lv['tok_s'], 1)} | {_num(lv['req_s'], 2)} "
+                f"| {_num(lv['ttft_p50_ms'])} / {_num(lv['ttft_p90_ms'])} "
+                f"| {_num(lv['itl_p50_ms'], 1)} / {_num(lv['itl_p90_ms'], 1)} "
+                f"| {_num(lv['e2e_p50_ms'])} / {_num(lv['e2e_p90_ms'])} "
+                f"| {lv['mean_generated_tokens']:.1f} | {lv['errors']} "
+                f"| {_num(server.get('peak_rss_mib'))} | {_num(server.get('cpu_cores'), 2)} "
+                f"| {_num(quiet.get('other_cpu_cores'), 2)} / "
+                f"{_num(server.get('others_cpu_cores'), 2)} |"
+            )
+    lines += [
+        "",
+        "C = concurrent clients; `n/s` = Poisson arrivals at n requests/s (open loop).",
+    ]
+    ceiling = report["systems"].get("ceiling")
+    if ceiling:
+        lines += [
+            "",
+            "## Ceiling",
+            "",
+            f"Bare `transformers` forward loop, {ceiling['dtype']}, sdpa, no server: one prefill "
+            "of a batch of random prompts of the prompts' mean length, then greedy decode steps; "
+            "best of the repeats for each cache path, the faster path is the ceiling. "
+            f"Bare prefill of one prompt alone: p50 {ceiling['prefill_p50_ms']:.1f} ms over the "
+            "prompts.",
+            "",
+            "| Batch | DynamicCache tok/s | StaticCache tok/s | Faster | tok/s (prefill "
+            "included) | decode tok/s | step ms | prefill ms |",
+            "|---:|---:|---:|:---|---:|---:|---:|---:|",
+        ]
+        for p in ceiling["points"]:
+            lines.append(
+                f"| {p['batch_size']} | {p['dynamic_tok_s']:.1f} | {p['static_tok_s']:.1f} "
+                f"| {p['faster_path']} | {p['tok_s']:.1f} | {p['decode_tok_s']:.1f} "
+                f"| {p['step_ms']:.1f} | {p['prefill_ms']:.1f} |"
+            )
+    for plot in plots:
+        lines += ["", f"![{Path(plot).stem}]({Path(plot).name})"]
+    return "\n".join(lines) + "\n"
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+STYLE = {
+    "ours-b8": {"color": "tab:blue", "marker": "o"},
+    "ours-b16": {"color": "tab:green", "marker": "s"},
+    "peer": {"color": "tab:red", "marker": "^"},
+    "ceiling": {"color": "black", "marker": "x"},
+}
+
+
+def plot(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
+    """`<stem>-throughput.png` (tokens/s vs concurrency) and `<stem>-latency.png` (TTFT and ITL
+    percentiles vs concurrency)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+
+    systems = report["systems"]
+    title = machine_line(report).split(",")[0]
+    levels = sorted({lv["concurrency"] for s in systems.values() for lv in s.get("levels", [])})
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, system in systems.items():
+        style = STYLE.get(key, {})
+        if key == "ceiling":
+            points = [p for p in system["points"] if p["batch_size"] in levels]
+            xs = [p["batch_size"] for p in points]
+            ys = [p["tok_s"] for p in points]
+            ax.plot(xs, ys, linestyle="--", label="ceiling (bare loop, batch = C)", **style)
+            continue
+        xs = [lv["concurrency"] for lv in system["levels"]]
+        ys = [lv["tok_s"] for lv in system["levels"]]
+        ax.plot(xs, ys, label=system["label"], **style)
+    _concurrency_axis(ax, levels)
+    ax.set_ylabel("generated tokens/s")
+    ax.set_title(f"Throughput, {report['options']['max_new_tokens']} new tokens ({title})")
+    ax.legend()
+    fig.tight_layout()
+    throughput = out_dir / f"{stem}-throughput.png"
+    fig.savefig(throughput, dpi=110)
+    plt.close(fig)
+
+    fig, (ttft_ax, itl_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for key, system in systems.items():
+        if "levels" not in system:
+            continue
+        style = STYLE.get(key, {})
+        xs = [lv["concurrency"] for lv in system["levels"]]
+        label = system["label"] + ("" if system.get("streaming", True) else " (end-to-end)")
+        for q, dash in (("p50", "-"), ("p90", ":")):
+            ys = [lv[f"ttft_{q}_ms"] for lv in system["levels"]]
+            ttft_ax.plot(xs, ys, linestyle=dash, label=f"{label} {q}", **style)
+            itl = [lv[f"itl_{q}_ms"] for lv in system["levels"]]
+            if any(v is not None for v in itl):
+                itl_ax.plot(xs, itl, linestyle=dash, label=f"{system['label']} {q}", **style)
+    ceiling = systems.get("ceiling")
+    if ceiling:
+        ttft_ax.axhline(
+            ceiling["prefill_p50_ms"], color="black", linestyle="--", label="bare prefill p50"
+        )
+        points = [p for p in ceiling["points"] if p["batch_size"] in levels]
+        itl_ax.plot(
+            [p["batch_size"] for p in points],
+            [p["step_ms"] for p in points],
+            linestyle="--",
+            label="bare decode step (batch = C)",
+            **STYLE["ceiling"],
+        )
+    for ax, name in ((ttft_ax, "time to first token"), (itl_ax, "inter-token latency")):
+        _concurrency_axis(ax, levels)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.set_ylabel("ms")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    latency = out_dir / f"{stem}-latency.png"
+    fig.savefig(latency, dpi=110)
+    plt.close(fig)
+    return [throughput, latency]
+
+
+def _concurrency_axis(ax: Any, levels: Sequence[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(levels, [str(c) for c in levels])
+    ax.set_xlabel("concurrent clients (C)")
+    ax.grid(True, alpha=0.3)
+
+
+# --- README ------------------------------------------------------------------------------------
+
+README_START = "<!-- benchmarks.e2e: start (written by `make bench`) -->"
+README_END = "<!-- benchmarks.e2e: end -->"
+
+
+def readme_block(report: dict[str, Any], results_dir: str) -> str:
+    """The README's summary of a run: machine, targets, throughput and latency per level."""
+    o = report["options"]
+    lines = [
+        README_START,
+        f"Latest run ({report['started'][:10]}): {machine_line(report)}. {quiet_line(report)} "
+        f"{o['max_new_tokens']} new tokens, greedy, {report['prompts']['count']} prompts; "
+        "every ratio is between numbers of this same run. Full tables: "
+        f"[`{results_dir}/e2e.md`]({results_dir}/e2e.md).",
+        "",
+        "| # | Target | System | Measured (bound); ratio | Met |",
+        "| ---: | --- | --- | --- | :---: |",
+    ]
+    for t in targets(report):
+        lines.append(f"| {t.number} | {t.name} | {t.system} | {_ratio(t)} | {_mark(t.met)} |")
+    lines += [
+        "",
+        "| System | C | tok/s | TTFT p50 ms | ITL p90 ms | e2e p50 ms | mean tokens | RSS MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for system in report["systems"].values():
+        for lv in system.get("levels", []):
+            server = lv.get("server") or {}
+            lines.append(
+                f"| {system['label']} | {lv['concurrency']} | {lv['tok_s']:.1f} "
+                f"| {_num(lv['ttft_p50_ms'])} | {_num(lv['itl_p90_ms'], 1)} "
+                f"| {_num(lv['e2e_p50_ms'])} | {lv['mean_generated_tokens']:.1f} "
+                f"| {_num(server.get('peak_rss_mib'))} |"
+            )
+    ceiling = report["systems"].get("ceiling")
+    if ceiling:
+        cells = ", ".join(
+            f"batch {p['batch_size']} {p['tok_s']:.1f} tok/s ({p['faster_path']})"
+            for p in ceiling["points"]
+        )
+        lines += ["", f"Ceiling ({ceiling['dtype']}, prefill included): {cells}."]
+    lines += [
+        "",
+        f"![Throughput vs concurrency]({results_dir}/e2e-throughput.png)",
+        f"![TTFT and ITL vs concurrency]({results_dir}/e2e-latency.png)",
+        README_END,
+    ]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, block: str) -> None:
+    """Replace the text between the README's markers with `block`."""
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{readme} has no {README_START!r} ... {README_END!r} markers")
+    readme.write_text(text[:start] + block + text[end + len(README_END) :])
+
+
+def write(report: dict[str, Any], out: Path) -> str:
+    """Write `out` (JSON), its `.md` and the plots beside it; return the Markdown."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report["targets"] = [{**asdict(t), "met": t.met} for t in targets(report)]
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plots = plot(report, out.parent, out.stem)
+    markdown = to_markdown(report, [str(p) for p in plots])
+    out.with_suffix(".md").write_text(markdown)
+    return markdown
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
+    parser.add_argument("json", type=Path, help="a report written by benchmarks.e2e")
+    parser.add_argument("--readme", type=Path, default=None, help="also update this README")
+    args = parser.parse_args(argv)
+    report = json.loads(args.json.read_text())
+    print(write(report, args.json))
+    if args.readme:
+        update_readme(args.readme, readme_block(report, relative_dir(args.json, args.readme)))
+
+
+def relative_dir(out: Path, readme: Path) -> str:
+    """The results folder as a link from the README."""
+    return os.path.relpath(out.resolve().parent, readme.resolve().parent)
+
+
+if __name__ == "__main__":
+    main()

@@ -29,6 +29,8 @@ from transformers import (
     StaticCache,
 )
 
+from benchmarks.monitor import OthersCpu
+
 LOW_ID, HIGH_ID = 100, 40_000
 SEED = 0
 
@@ -80,8 +82,10 @@ def bare_generate(
 ) -> BareRun:
     """Greedy generation of `new_tokens` per row of `prompt` by plain forward calls.
 
-    The static cache is allocated inside the timed prefill: a server pays for its cache too, once,
-    but a bare loop that keeps it would need to reset it, which costs the same order.
+    The prefill computes the logits of the last position only (`logits_to_keep=1`), as
+    `generate` does. The static cache is allocated inside the timed prefill: a server pays for its
+    cache too, once, but a bare loop that keeps it would need to reset it, which costs the same
+    order.
     """
     batch, length = prompt.shape
     steps = new_tokens - 1
@@ -94,7 +98,9 @@ def bare_generate(
         cache = DynamicCache(config=model.config)
         prefill_kwargs = {}
         step_kwargs = [{}] * steps
-    logits = model(prompt, past_key_values=cache, use_cache=True, **prefill_kwargs).logits
+    logits = model(
+        prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, **prefill_kwargs
+    ).logits
     next_ids = logits[:, -1].argmax(dim=-1)
     prefilled = time.perf_counter()
     for kwargs in step_kwargs:
@@ -159,13 +165,15 @@ def measure_point(
 
 @torch.inference_mode()
 def bare_prefill_s(model: PreTrainedModel, prompt_ids: list[int], repeats: int) -> float:
-    """Best time of one prompt's prefill and first greedy token, `DynamicCache` (`[1, length]`)."""
+    """Best time of one prompt's prefill and first greedy token, `DynamicCache` (`[1, length]`),
+    last position's logits only."""
     ids = torch.tensor([prompt_ids])
     best = float("inf")
     for _ in range(repeats + 1):
         start = time.perf_counter()
         cache = DynamicCache(config=model.config)
-        model(ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(dim=-1)
+        logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits[:, -1].argmax(dim=-1)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -179,6 +187,8 @@ class Ceiling:
     prefill_ms: list[float]
     """Bare prefill of each benchmark prompt alone, in prompt order."""
     prefill_p50_ms: float
+    others_cpu_cores: float | None = None
+    """CPU cores used by other processes while the ceiling was measured."""
 
     def at(self, batch: int) -> CeilingPoint | None:
         return next((p for p in self.points if p.batch_size == batch), None)
@@ -198,9 +208,10 @@ def measure_ceiling(
     prompt_ids = [tokenizer(p).input_ids for p in prompts]
     prompt_tokens = round(statistics.mean(len(ids) for ids in prompt_ids))
     model = load_bare_model(model_dir, getattr(torch, dtype))
+    others = OthersCpu()
     points = [measure_point(model, b, prompt_tokens, new_tokens, repeats) for b in batch_sizes]
     prefill = [bare_prefill_s(model, ids, repeats) * 1e3 for ids in prompt_ids]
-    return Ceiling(dtype, points, prefill, statistics.median(prefill))
+    return Ceiling(dtype, points, prefill, statistics.median(prefill), others.cores())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -35,10 +35,6 @@ def group_processes(pgid: int) -> list[psutil.Process]:
     return members
 
 
-def _all_cpu_seconds() -> dict[int, float]:
-    return _cpu_seconds(psutil.process_iter())
-
-
 def _cpu_seconds(processes: Iterable[psutil.Process]) -> dict[int, float]:
     seconds = {}
     for process in processes:
@@ -48,6 +44,31 @@ def _cpu_seconds(processes: Iterable[psutil.Process]) -> dict[int, float]:
             continue
         seconds[process.pid] = times.user + times.system
     return seconds
+
+
+def _all_cpu_seconds() -> dict[int, float]:
+    return _cpu_seconds(psutil.process_iter())
+
+
+class OthersCpu:
+    """CPU cores used by every process but `exclude` (and this one) since construction."""
+
+    def __init__(self, exclude: Iterable[int] = ()) -> None:
+        self.exclude = {*exclude, os.getpid()}
+        self.started = time.perf_counter()
+        self.at_start = _all_cpu_seconds()
+
+    def cores(self, exclude: Iterable[int] = ()) -> float:
+        """Average cores used since construction, also leaving out `exclude` (pids)."""
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        skip = {*self.exclude, *exclude}
+        # A process that started after construction spent all its CPU time since then.
+        used = sum(
+            seconds - self.at_start.get(pid, 0.0)
+            for pid, seconds in _all_cpu_seconds().items()
+            if pid not in skip
+        )
+        return used / elapsed
 
 
 @dataclass(frozen=True)
@@ -106,12 +127,12 @@ class GroupMonitor:
                 self._peak_rss = max(self._peak_rss, rss)
 
     def start_window(self) -> Window:
-        """Begin a measured window: the peak RSS restarts from zero, CPU time from now."""
+        """Begin a measured window: the peak RSS restarts from zero, CPU times from now."""
         with self._lock:
             self._peak_rss = 0
-        everything = _all_cpu_seconds()
+        group = group_processes(self.pgid)
         psutil.cpu_percent()
-        return Window(self, time.perf_counter(), everything)
+        return Window(self, time.perf_counter(), _cpu_seconds(group), OthersCpu())
 
     def peak_rss(self) -> int:
         with self._lock:
@@ -122,27 +143,20 @@ class GroupMonitor:
 class Window:
     monitor: GroupMonitor
     started: float
-    cpu_at_start: dict[int, float]
-    """CPU seconds of every process on the machine when the window opened."""
+    group_at_start: dict[int, float]
+    """CPU seconds of the group's processes when the window opened."""
+    others: OthersCpu
 
     def finish(self) -> GroupUsage:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         machine_percent = psutil.cpu_percent()
-        group = {p.pid for p in group_processes(self.monitor.pgid)}
-        # A process that started inside the window spent all its CPU time inside it.
-        used = {
-            pid: seconds - self.cpu_at_start.get(pid, 0.0)
-            for pid, seconds in _all_cpu_seconds().items()
-        }
-        ours = sum(seconds for pid, seconds in used.items() if pid in group)
-        others = sum(
-            seconds for pid, seconds in used.items() if pid not in group and pid != os.getpid()
-        )
+        group = _cpu_seconds(group_processes(self.monitor.pgid))
+        used = sum(seconds - self.group_at_start.get(pid, 0.0) for pid, seconds in group.items())
         return GroupUsage(
             peak_rss_mib=self.monitor.peak_rss() / MIB,
-            cpu_cores=ours / elapsed,
+            cpu_cores=used / elapsed,
             machine_cpu_percent=machine_percent,
-            others_cpu_cores=others / elapsed,
+            others_cpu_cores=self.others.cores(exclude=group),
         )
 
 

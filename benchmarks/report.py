@@ -245,6 +245,11 @@ def quiet_line(report: dict[str, Any]) -> str:
         f"Other processes used at most {before:.2f} cores just before and {during:.2f} during "
         f"each of the {len(runs)} measurements (quiet below {threshold:g})"
     )
+    ceiling = report["systems"].get("ceiling") or {}
+    if ceiling.get("others_cpu_cores") is not None:
+        text += f"; {ceiling['others_cpu_cores']:.2f} during the ceiling"
+        if ceiling["others_cpu_cores"] >= threshold:
+            disturbed.append(ceiling)
     if disturbed:
         return text + (
             f"; {len(disturbed)} ran on a busy machine even after waiting and retrying: "
@@ -368,7 +373,7 @@ def plot(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     plain = FuncFormatter(lambda value, _: f"{value:g}")
 
@@ -426,8 +431,12 @@ def plot(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     for ax, name in ((ttft_ax, "time to first token"), (itl_ax, "inter-token latency")):
         _concurrency_axis(ax, levels)
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        low, high = ax.get_ylim()
+        if high / low < 10:  # less than a decade: label the minor ticks too
+            ax.yaxis.set_minor_formatter(plain)
         ax.set_ylabel("ms")
         ax.set_title(name)
         ax.legend(fontsize=7)

@@ -156,12 +156,23 @@ class RequestHandle:
 
     def result(self, timeout: float | None = None) -> tuple[list[TokenEvent], FinalEvent]:
         """Wait for the whole answer. Raises the request's error if it failed."""
-        tokens: list[TokenEvent] = []
-        for event in self.events(timeout):
-            if isinstance(event, TokenEvent):
-                tokens.append(event)
-            elif isinstance(event, FinalEvent):
-                return tokens, event
-            else:
-                raise event.error
-        raise GenerationError("The generator ended the request without a final event")
+        return collect(
+            self.events(timeout),
+            GenerationError("The generator ended the request without a final event"),
+        )
+
+
+def collect(
+    events: Iterator[Event], unfinished: ServingError
+) -> tuple[list[TokenEvent], FinalEvent]:
+    """The token events and the final event of a request; raises its error if it failed, and
+    `unfinished` if the events end without a final one."""
+    tokens: list[TokenEvent] = []
+    for event in events:
+        if isinstance(event, TokenEvent):
+            tokens.append(event)
+        elif isinstance(event, FinalEvent):
+            return tokens, event
+        else:
+            raise event.error
+    raise unfinished

@@ -38,6 +38,7 @@ from handler.generation.request import (
     GenerationRequest,
     RequestHandle,
     TokenEvent,
+    collect,
 )
 from handler.server.metrics import CONTENT_TYPE, Metrics
 from handler.server.state import ServerState
@@ -179,15 +180,7 @@ class Submission:
         )
 
     def result(self) -> tuple[list[TokenEvent], FinalEvent]:
-        tokens: list[TokenEvent] = []
-        for event in self.events():
-            if isinstance(event, TokenEvent):
-                tokens.append(event)
-            elif isinstance(event, FinalEvent):
-                return tokens, event
-            else:
-                raise event.error
-        raise UnavailableError("The request was cancelled")
+        return collect(self.events(), UnavailableError("The request was cancelled"))
 
     def _finished(self, final: FinalEvent) -> None:
         total = time.monotonic() - self.received_at

@@ -21,6 +21,7 @@ import argparse
 import gc
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -180,13 +181,27 @@ def bench_ours(options: Options, batch: int, work: Path) -> dict[str, Any]:
         "levels": [r.as_dict() for r in levels],
         "arrivals": arrivals.as_dict(),
         "peak_rss_mib": max(r.server.peak_rss_mib for r in runs if r.server),
+        "peak_pss_mib": max(r.server.peak_pss_mib for r in runs if r.server),
         "memory": {
             "dtype": info["dtype"],
             "parameters": memory.parameters,
             "weights_mib": memory.weights_mib,
             "kv_cache_mib": memory.kv_cache_mib(batch, options.max_total_tokens),
+            "runtime_mib": runtime_floor_mib(),
         },
     }
+
+
+def runtime_floor_mib() -> float:
+    """PSS of a Python process that imported what the server's worker imports (torch,
+    `transformers`' modeling code, Flask, gunicorn), before any weights: the part of the server's
+    memory that no model or cache size changes."""
+    script = (
+        "import psutil, gunicorn.app.base, handler.engine, handler.server.app; "
+        "print(psutil.Process().memory_full_info().pss)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 2**20
 
 
 def bench_peer(options: Options, work: Path) -> dict[str, Any]:
@@ -201,6 +216,7 @@ def bench_peer(options: Options, work: Path) -> dict[str, Any]:
         "streaming": False,
         "levels": [r.as_dict() for r in levels],
         "peak_rss_mib": max(r.server.peak_rss_mib for r in levels if r.server),
+        "peak_pss_mib": max(r.server.peak_pss_mib for r in levels if r.server),
     }
 
 
@@ -243,6 +259,9 @@ def run(options: Options) -> dict[str, Any]:
             (s["info"]["dtype"] for s in report["systems"].values()), "float32"
         )
         report["systems"]["ceiling"] = bench_ceiling(options, dtype)
+        if dtype != "float32":
+            # The checkpoint's own precision: the ceiling before reduced precision raised it.
+            report["ceiling_float32"] = bench_ceiling(options, "float32")
         if options.peer:
             report["systems"]["peer"] = bench_peer(options, work)
     except BaseException:

@@ -77,6 +77,9 @@ class GroupUsage:
 
     peak_rss_mib: float
     """Largest sum of the group's resident set sizes seen (shared pages count in each process)."""
+    peak_pss_mib: float
+    """Largest sum of the group's proportional set sizes seen: each shared page split between
+    the processes that map it, so the sum is what the group costs the machine."""
     cpu_cores: float
     """CPU seconds the group used per wall second (2.0 = both cores of this machine busy)."""
     machine_cpu_percent: float
@@ -87,7 +90,7 @@ class GroupUsage:
 
 
 class GroupMonitor:
-    """Samples a process group's summed RSS in a thread; `window()` measures its CPU use.
+    """Samples a process group's summed RSS and PSS in a thread; `window()` measures its CPU use.
 
     Membership is re-read every `rescan_s` (the peer's workers start late); RSS every `every_s`.
     """
@@ -97,6 +100,7 @@ class GroupMonitor:
         self.every_s = every_s
         self.rescan_s = rescan_s
         self._peak_rss = 0
+        self._peak_pss = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="group-monitor", daemon=True)
@@ -117,19 +121,22 @@ class GroupMonitor:
             if time.monotonic() - last_scan > self.rescan_s:
                 self._processes = group_processes(self.pgid)
                 last_scan = time.monotonic()
-            rss = 0
+            rss = pss = 0
             for process in self._processes:
                 try:
-                    rss += process.memory_info().rss
+                    memory = process.memory_full_info()
                 except psutil.Error:
                     continue
+                rss += memory.rss
+                pss += getattr(memory, "pss", memory.rss)
             with self._lock:
                 self._peak_rss = max(self._peak_rss, rss)
+                self._peak_pss = max(self._peak_pss, pss)
 
     def start_window(self) -> Window:
-        """Begin a measured window: the peak RSS restarts from zero, CPU times from now."""
+        """Begin a measured window: the peak memory restarts from zero, CPU times from now."""
         with self._lock:
-            self._peak_rss = 0
+            self._peak_rss = self._peak_pss = 0
         group = group_processes(self.pgid)
         psutil.cpu_percent()
         return Window(self, time.perf_counter(), _cpu_seconds(group), OthersCpu())
@@ -137,6 +144,10 @@ class GroupMonitor:
     def peak_rss(self) -> int:
         with self._lock:
             return self._peak_rss
+
+    def peak_pss(self) -> int:
+        with self._lock:
+            return self._peak_pss
 
 
 @dataclass
@@ -154,6 +165,7 @@ class Window:
         used = sum(seconds - self.group_at_start.get(pid, 0.0) for pid, seconds in group.items())
         return GroupUsage(
             peak_rss_mib=self.monitor.peak_rss() / MIB,
+            peak_pss_mib=self.monitor.peak_pss() / MIB,
             cpu_cores=used / elapsed,
             machine_cpu_percent=machine_percent,
             others_cpu_cores=self.others.cores(exclude=group),

@@ -178,14 +178,17 @@ def targets(report: dict[str, Any]) -> list[Target]:
         found.append(
             Target(
                 5,
-                "server peak RSS (MiB) vs weights + KV cache + 300 MiB",
+                "server peak memory (PSS, MiB) vs weights + KV cache + 300 MiB",
                 label,
-                ours.get("peak_rss_mib"),
+                ours.get("peak_pss_mib", ours.get("peak_rss_mib")),
                 memory["weights_mib"] + memory["kv_cache_mib"] + RSS_SLACK_MIB if memory else None,
                 "MiB",
                 False,
                 f"weights {_num(memory and memory['weights_mib'])} MiB + KV cache "
-                f"{_num(memory and memory['kv_cache_mib'])} MiB ({memory and memory['dtype']})",
+                f"{_num(memory and memory['kv_cache_mib'])} MiB ({memory and memory['dtype']}); "
+                f"Python + torch + transformers + server imported, no model: "
+                f"{_num(memory and memory.get('runtime_mib'))} MiB; summed RSS "
+                f"{_num(ours.get('peak_rss_mib'))} MiB",
             )
         )
     return found
@@ -292,14 +295,15 @@ def to_markdown(report: dict[str, Any], plots: Sequence[str] = ()) -> str:
         "",
         "Tokens/s: generated tokens of all successful requests / the measured window. TTFT and "
         "ITL as the client receives server-sent events; the peer does not stream, so its TTFT is "
-        "its end-to-end time and it has no ITL. Server RSS: peak of the summed resident sets of "
-        "the server's process group; CPU: its CPU seconds per second (2 = both cores). Others' "
+        "its end-to-end time and it has no ITL. Server memory: peak of the summed proportional set "
+        "sizes (PSS: shared pages split between the processes mapping them) of the server's "
+        "process group; CPU: its CPU seconds per second (2 = both cores). Others' "
         "CPU: cores used by every other process (the load generator excepted) just before and "
         "during "
         "the measurement; a measurement disturbed during it was run again.",
         "",
         "| System | C | tok/s | req/s | TTFT p50 / p90 ms | ITL p50 / p90 ms "
-        "| e2e p50 / p90 ms | mean tokens | errors | RSS MiB | CPU cores "
+        "| e2e p50 / p90 ms | mean tokens | errors | PSS MiB | CPU cores "
         "| others' CPU before / during |",
         "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -321,7 +325,8 @@ def to_markdown(report: dict[str, Any], plots: Sequence[str] = ()) -> str:
                 f"| {_num(lv['itl_p50_ms'], 1)} / {_num(lv['itl_p90_ms'], 1)} "
                 f"| {_num(lv['e2e_p50_ms'])} / {_num(lv['e2e_p90_ms'])} "
                 f"| {lv['mean_generated_tokens']:.1f} | {lv['errors']} "
-                f"| {_num(server.get('peak_rss_mib'))} | {_num(server.get('cpu_cores'), 2)} "
+                f"| {_num(server.get('peak_pss_mib', server.get('peak_rss_mib')))} "
+                f"| {_num(server.get('cpu_cores'), 2)} "
                 f"| {_num(quiet.get('other_cpu_cores'), 2)} / "
                 f"{_num(server.get('others_cpu_cores'), 2)} |"
             )
@@ -351,9 +356,34 @@ def to_markdown(report: dict[str, Any], plots: Sequence[str] = ()) -> str:
                 f"| {p['faster_path']} | {p['tok_s']:.1f} | {p['decode_tok_s']:.1f} "
                 f"| {p['step_ms']:.1f} | {p['prefill_ms']:.1f} |"
             )
+    lines += raised_ceiling(report)
     for plot in plots:
         lines += ["", f"![{Path(plot).stem}]({Path(plot).name})"]
     return "\n".join(lines) + "\n"
+
+
+def raised_ceiling(report: dict[str, Any]) -> list[str]:
+    """The bare loop in the checkpoint's fp32 against the server's dtype, same run."""
+    before, after = report.get("ceiling_float32"), report["systems"].get("ceiling")
+    if not before or not after:
+        return []
+    lines = [
+        "",
+        "## Raising the ceiling",
+        "",
+        f"The same bare loop in float32 (before) and in {after['dtype']}, the server's dtype "
+        "(after), measured in this run.",
+        "",
+        "| Batch | float32 tok/s | float32 step ms | "
+        f"{after['dtype']} tok/s | {after['dtype']} step ms | speed-up |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for old, new in zip(before["points"], after["points"]):
+        lines.append(
+            f"| {old['batch_size']} | {old['tok_s']:.1f} | {old['step_ms']:.1f} "
+            f"| {new['tok_s']:.1f} | {new['step_ms']:.1f} | {new['tok_s'] / old['tok_s']:.2f}x |"
+        )
+    return lines
 
 
 # --- plots -------------------------------------------------------------------------------------
@@ -477,7 +507,7 @@ def readme_block(report: dict[str, Any], results_dir: str) -> str:
         lines.append(f"| {t.number} | {t.name} | {t.system} | {_ratio(t)} | {_mark(t.met)} |")
     lines += [
         "",
-        "| System | C | tok/s | TTFT p50 ms | ITL p90 ms | e2e p50 ms | mean tokens | RSS MiB |",
+        "| System | C | tok/s | TTFT p50 ms | ITL p90 ms | e2e p50 ms | mean tokens | PSS MiB |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for system in report["systems"].values():
@@ -487,15 +517,15 @@ def readme_block(report: dict[str, Any], results_dir: str) -> str:
                 f"| {system['label']} | {lv['concurrency']} | {lv['tok_s']:.1f} "
                 f"| {_num(lv['ttft_p50_ms'])} | {_num(lv['itl_p90_ms'], 1)} "
                 f"| {_num(lv['e2e_p50_ms'])} | {lv['mean_generated_tokens']:.1f} "
-                f"| {_num(server.get('peak_rss_mib'))} |"
+                f"| {_num(server.get('peak_pss_mib', server.get('peak_rss_mib')))} |"
             )
-    ceiling = report["systems"].get("ceiling")
-    if ceiling:
-        cells = ", ".join(
-            f"batch {p['batch_size']} {p['tok_s']:.1f} tok/s ({p['faster_path']})"
-            for p in ceiling["points"]
-        )
-        lines += ["", f"Ceiling ({ceiling['dtype']}, prefill included): {cells}."]
+    for ceiling in (report["systems"].get("ceiling"), report.get("ceiling_float32")):
+        if ceiling:
+            cells = ", ".join(
+                f"batch {p['batch_size']} {p['tok_s']:.1f} tok/s ({p['faster_path']})"
+                for p in ceiling["points"]
+            )
+            lines += ["", f"Ceiling ({ceiling['dtype']}, prefill included): {cells}."]
     lines += [
         "",
         f"![Throughput vs concurrency]({results_dir}/e2e-throughput.png)",

@@ -43,9 +43,23 @@ def torch_device(requested: str) -> str:
     return requested
 
 
+def cpu_has_native_bf16() -> bool:
+    """The CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def torch_dtype(settings: Settings, device: str) -> str:
-    """The auto-cast type, else fp32 on CPU (exact reference numerics) and bf16 on CUDA."""
-    return settings.auto_cast_type or ("fp32" if device == "cpu" else "bf16")
+    """The auto-cast type; else bf16 on CUDA and on CPUs with native bf16 matrix units, as on
+    Neuron, and fp32 on other CPUs (where bf16 is emulated and slower).
+
+    On a 2-core AVX512-BF16 CPU, SmolLM2-135M decodes 2-3x faster in bf16 than in fp32
+    (`make bench`); greedy answers match `transformers` in the same dtype (tests/test_bf16.py).
+    """
+    if settings.auto_cast_type:
+        return settings.auto_cast_type
+    if device != "cpu" or cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
 
 
 def assemble(

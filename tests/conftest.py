@@ -21,6 +21,11 @@ from handler.config import read_settings
 from handler.engine import Engine, build_torch_engine
 from handler.testing.smollm2 import ensure_model
 
+# Golden answers come from the fp32 `transformers` model: servers and engines of the tests run in
+# fp32 unless a test names another dtype (a bf16-capable CPU would otherwise default to bf16,
+# which tests/test_bf16.py checks against a bf16 reference). Subprocesses inherit this.
+os.environ["HF_AUTO_CAST_TYPE"] = "fp32"
+
 PROMPTS = [
     "Hello, my name is",
     "The quick brown fox jumps over the lazy dog and then",
@@ -49,7 +54,7 @@ def reference_model(smollm2_dir: Path) -> AutoModelForCausalLM:
 
 
 def start_engine(model_dir: Path, **env: str) -> Engine:
-    environ = {"MAX_BATCH_SIZE": "4", "MAX_TOTAL_TOKENS": "512", **env}
+    environ = {"MAX_BATCH_SIZE": "4", "MAX_TOTAL_TOKENS": "512", "HF_AUTO_CAST_TYPE": "fp32", **env}
     return build_torch_engine(read_settings([], environ), model_dir)
 
 

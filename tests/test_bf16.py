@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from handler import engine as engine_module
+from handler.config import read_settings
 from handler.engine import Engine
 from handler.generation.request import GenerationRequest
 from tests.conftest import PROMPTS, reference_greedy, start_engine
@@ -43,3 +45,29 @@ def test_bf16_matches_transformers_bf16_alone_and_in_a_batch(
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda ids: greedy(bf16_engine, ids, 12), prompts))
     assert together == expected
+
+
+@pytest.mark.parametrize(
+    ("configured", "device", "native", "expected"),
+    [
+        (None, "cpu", True, "bf16"),
+        (None, "cpu", False, "fp32"),
+        (None, "cuda", False, "bf16"),
+        ("fp32", "cpu", True, "fp32"),
+        ("fp16", "cuda", True, "fp16"),
+    ],
+)
+def test_default_dtype_follows_the_hardware(
+    monkeypatch: pytest.MonkeyPatch, configured, device, native, expected
+) -> None:
+    monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda: native)
+    environ = {"HF_AUTO_CAST_TYPE": configured} if configured else {}
+    assert engine_module.torch_dtype(read_settings([], environ), device) == expected
+
+
+def test_native_bf16_detection_agrees_with_the_cpu_flags() -> None:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo on this system")
+    flags = set(cpuinfo.read_text().split())
+    assert engine_module.cpu_has_native_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)

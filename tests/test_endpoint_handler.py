@@ -16,7 +16,8 @@ from tests.conftest import PROMPTS, RunningServer
 @pytest.fixture(scope="module")
 def endpoint(smollm2_dir: Path) -> Iterator[EndpointHandler]:
     loaded = EndpointHandler(
-        str(smollm2_dir), environ={"MAX_BATCH_SIZE": "2", "MAX_TOTAL_TOKENS": "512"}
+        str(smollm2_dir),
+        environ={"MAX_BATCH_SIZE": "2", "MAX_TOTAL_TOKENS": "512", "HF_AUTO_CAST_TYPE": "fp32"},
     )
     yield loaded
     loaded.close()

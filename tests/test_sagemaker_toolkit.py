@@ -47,7 +47,7 @@ from handler.mms.inference import (
 from tests.conftest import PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {"MAX_BATCH_SIZE": "2", "MAX_TOTAL_TOKENS": "512"}
+SHAPES = {"MAX_BATCH_SIZE": "2", "MAX_TOTAL_TOKENS": "512", "HF_AUTO_CAST_TYPE": "fp32"}
 MODEL_VARIABLES = ("HF_MODEL_ID", "MODEL_ID", "SM_ON_MODEL", "SERVING_STACK")
 JRE = "default-jre-headless"
 """Debian's Java runtime (OpenJDK 17 on Debian 12), for MMS's frontend."""

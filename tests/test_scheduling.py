@@ -40,7 +40,8 @@ def engine_with(smollm2_dir: Path) -> Iterator:
 
     def build(**env: str) -> tuple[Engine, Steps]:
         steps = Steps()
-        settings = read_settings([], {"MAX_BATCH_SIZE": "4", "MAX_TOTAL_TOKENS": "256", **env})
+        environ = {"MAX_BATCH_SIZE": "4", "MAX_TOTAL_TOKENS": "256", "HF_AUTO_CAST_TYPE": "fp32"}
+        settings = read_settings([], {**environ, **env})
         engine = build_torch_engine(settings, smollm2_dir, on_step=steps)
         engines.append(engine)
         return engine, steps

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from handler.model import torch_backend
 from handler.model.torch_backend import TorchBackend
 from tests.conftest import PROMPTS, reference_greedy
 
@@ -22,7 +23,8 @@ def test_insert_computes_only_new_rows_and_keeps_others(reference_model, tokeniz
         # Rows given out of order with a hole (row 1 stays empty).
         rows = [3, 0, 2]
         out = backend.prefill(prompts, rows)
-        assert shapes[-1] == (3, max(len(p) for p in prompts))
+        # The three prompts are packed end to end into one sequence: no padding is computed.
+        assert shapes == [(1, sum(len(p) for p in prompts))]
         tokens = [[t] for t in out.logits.argmax(-1).tolist()]
         positions = [len(p) for p in prompts]
         late = tokenizer(PROMPTS[3]).input_ids
@@ -52,6 +54,42 @@ def test_insert_computes_only_new_rows_and_keeps_others(reference_model, tokeniz
     assert late_tokens[: len(want)] == want
 
 
+def test_prompts_split_into_packs_match_reference(reference_model, tokenizer, monkeypatch) -> None:
+    """Prompts beyond `PACK_TOKENS` go to further packs; a longer prompt runs alone."""
+    monkeypatch.setattr(torch_backend, "PACK_TOKENS", 20)
+    backend = TorchBackend(reference_model, batch_size=4, sequence_length=256)
+    prompts = [tokenizer(p).input_ids for p in PROMPTS[:4]]
+    lengths = [len(p) for p in prompts]
+    shapes: list[tuple[int, ...]] = []
+    hook = backend.decoder.embed_tokens.register_forward_hook(
+        lambda module, args, output: shapes.append(tuple(args[0].shape))
+    )
+    try:
+        out = backend.prefill(prompts, [2, 0, 3, 1], [False, True, False, False])
+    finally:
+        hook.remove()
+    packs = torch_backend._packs(lengths, 20)
+    assert len(packs) > 1 and any(len(pack) > 1 for pack in packs), (lengths, packs)
+    assert shapes == [(1, sum(lengths[i] for i in pack)) for pack in packs]
+    with torch.inference_mode():
+        for i, prompt in enumerate(prompts):
+            want = reference_model(torch.tensor([prompt])).logits[0]
+            torch.testing.assert_close(out.logits[i], want[-1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            out.prompt_logits[1],
+            reference_model(torch.tensor([prompts[1]])).logits[0],
+            atol=1e-4,
+            rtol=1e-4,
+        )
+    assert [x is None for x in out.prompt_logits] == [True, False, True, True]
+
+
+def test_pack_bounds() -> None:
+    assert torch_backend._packs([5, 5, 3, 20, 1], 10) == [[0, 1], [2], [3], [4]]
+    assert torch_backend._packs([], 10) == []
+    assert torch_backend._bounds([3, 1, 2]) == [(0, 3), (3, 4), (4, 6)]
+
+
 def test_prompt_logits_for_every_position(reference_model, tokenizer) -> None:
     backend = TorchBackend(reference_model, batch_size=2, sequence_length=128)
     short, long = tokenizer(PROMPTS[0]).input_ids, tokenizer(PROMPTS[4]).input_ids
@@ -62,3 +100,24 @@ def test_prompt_logits_for_every_position(reference_model, tokenizer) -> None:
     assert out.prompt_logits[0].shape == (len(short), want.shape[-1])
     assert torch.allclose(out.prompt_logits[0], want, atol=1e-3)
     assert torch.allclose(out.logits[0], want[-1], atol=1e-3)
+
+
+def test_slot_attention_equals_sdpa_with_grouped_heads() -> None:
+    """The grouped-head path gives what `transformers`' `sdpa` gives after copying heads."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3
+    module.is_causal = True
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(4, 9, 1, 16, generator=generator)
+    key, value = (torch.randn(4, 3, 40, 16, generator=generator) for _ in range(2))
+    valid = torch.tensor([40, 7, 23, 1])
+    allowed = torch.arange(40)[None, None, None, :] < valid[:, None, None, None]
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    got, _ = torch_backend.slot_sdpa_forward(module, query, key, value, mask, scaling=0.25)
+    want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert got.shape == (4, 1, 9, 16)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    # Row 3 sees only position 0: its output is that position's value, head by head.
+    torch.testing.assert_close(got[3, 0], value[3, :, 0].repeat_interleave(3, dim=0))

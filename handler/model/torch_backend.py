@@ -4,18 +4,27 @@ The KV cache is a `transformers` `Cache` subclass with one static tensor per lay
 `[batch_size, kv_heads, sequence_length, head_dim]`. Writes go to each row's own positions; the
 attention of a step covers only `max(filled length)` positions of the rows it runs, never the
 capacity (a `StaticCache` attends to every position and was measured 3x slower on CPU at batch 8).
+
+A prefill packs its prompts end to end into one sequence, with positions restarting at each
+prompt and a block-diagonal causal mask, instead of padding every prompt to the longest: the
+model then computes exactly the prompts' tokens (4 prompts of 8 to 105 tokens: 237 ms packed
+against 550 ms padded on 2 CPU cores). Packs hold at most `PACK_TOKENS` tokens, because the
+mask and the attention grow with the square of a pack's length; a longer prompt runs alone.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from handler.generation.request import SamplingParams
 from handler.model.base import ModelShape, PrefillOutput
@@ -24,19 +33,85 @@ logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+PACK_TOKENS = 512
+"""Most prompt tokens one prefill forward packs together (unless a single prompt is longer)."""
+
 
 @dataclass
 class _Step:
     """How the current forward call maps onto cache rows and positions."""
 
     prefill: bool
-    rows: torch.Tensor | slice
-    """Prefill: `[n]` row indices. Decode: the contiguous slice of rows the batch covers."""
+    rows: list[tuple[int, int, int]] | slice
+    """Prefill: `(row, start, length)` of each prompt packed in the sequence. Decode: the
+    contiguous slice of rows the batch covers."""
     write_rows: torch.Tensor | None = None
     """Decode: `[n]` row indices to write, `write_pos`: `[n]` their positions."""
     write_pos: torch.Tensor | None = None
     kv_len: int = 0
     """Decode: number of cached positions the attention covers."""
+
+
+def _bounds(lengths: list[int]) -> list[tuple[int, int]]:
+    """`(start, end)` of each of `lengths` laid end to end."""
+    ends = list(accumulate(lengths))
+    return [(end - n, end) for n, end in zip(lengths, ends)]
+
+
+def _packs(lengths: list[int], limit: int) -> list[list[int]]:
+    """Split prompt indices, in order, into packs of at most `limit` tokens (or one prompt)."""
+    packs: list[list[int]] = []
+    size = limit
+    for i, n in enumerate(lengths):
+        if size + n > limit:
+            packs.append([])
+            size = 0
+        packs[-1].append(i)
+        size += n
+    return packs
+
+
+SLOT_ATTENTION = "slot_sdpa"
+"""`sdpa` that keeps grouped key/value heads grouped when a mask is given on CPU."""
+
+
+def slot_sdpa_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query `[n, heads, q, head_dim]`, key/value `[n, kv_heads, k, head_dim]` -> `[n, q, heads,
+    head_dim]`.
+
+    With a mask, `transformers`' `sdpa` copies every key/value head `heads / kv_heads` times
+    before attention (its GQA path is for masks of None only, the CUDA kernels' limit). The CPU
+    kernel takes the grouped heads and a mask directly: 133 against 214 us per layer at batch 8
+    over 209 positions, same result. Elsewhere this is `sdpa` unchanged.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    if attention_mask is None or groups == 1 or query.device.type != "cpu":
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, **kwargs
+        )
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask[:, :, :, : key.shape[-2]],
+        dropout_p=dropout,
+        scale=scaling,
+        enable_gqa=True,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SLOT_ATTENTION, slot_sdpa_forward)
+AttentionMaskInterface.register(SLOT_ATTENTION, sdpa_mask)
 
 
 class SlotKVCache(Cache):
@@ -69,10 +144,10 @@ class SlotKVCache(Cache):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         step = self.step
         if step.prefill:
-            # A prefilled row attends only to its own prompt: no need to read the cache back.
-            length = key_states.shape[2]
-            keys[step.rows, :, :length] = key_states
-            values[step.rows, :, :length] = value_states
+            # Packed prompts attend only to themselves: no need to read the cache back.
+            for row, start, length in step.rows:
+                keys[row, :, :length] = key_states[0, :, start : start + length]
+                values[row, :, :length] = value_states[0, :, start : start + length]
             return key_states, value_states
         keys[step.write_rows, :, step.write_pos] = key_states[:, :, 0]
         values[step.write_rows, :, step.write_pos] = value_states[:, :, 0]
@@ -106,6 +181,8 @@ class TorchBackend:
 
     def __init__(self, model: PreTrainedModel, batch_size: int, sequence_length: int) -> None:
         self.model = model.eval()
+        if model.config._attn_implementation == "sdpa":
+            model.set_attn_implementation(SLOT_ATTENTION)
         config = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -194,30 +271,39 @@ class TorchBackend:
         seq_ids: list[int],
         want_prompt_logits: list[bool] | None = None,
     ) -> PrefillOutput:
-        lengths = [len(ids) for ids in input_ids]
-        width = max(lengths)
-        n = len(input_ids)
-        tokens = torch.zeros((n, width), dtype=torch.long)
-        for i, ids in enumerate(input_ids):
-            tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        tokens = tokens.to(self.device)
-        positions = torch.arange(width, device=self.device).expand(n, width)
-        length_t = torch.tensor(lengths, device=self.device)
-        uniform = len(set(lengths)) == 1 and (
-            self.sliding_window is None or width <= self.sliding_window
+        wanted = want_prompt_logits or [False] * len(input_ids)
+        last: list[torch.Tensor] = []
+        prompt_logits: list[torch.Tensor | None] = []
+        for pack in _packs([len(ids) for ids in input_ids], PACK_TOKENS):
+            hidden = self._prefill_pack([input_ids[i] for i in pack], [seq_ids[i] for i in pack])
+            for i, (start, end) in zip(pack, _bounds([len(input_ids[i]) for i in pack])):
+                last.append(hidden[end - 1])
+                prompt_logits.append(self._logits(hidden[start:end]).cpu() if wanted[i] else None)
+        return PrefillOutput(
+            logits=self._logits(torch.stack(last)).cpu(), prompt_logits=prompt_logits
         )
-        mask = None if uniform else self._additive(self._allowed(positions, width, length_t))
-        self.cache.step = _Step(prefill=True, rows=torch.tensor(seq_ids, device=self.device))
+
+    def _prefill_pack(self, input_ids: list[list[int]], seq_ids: list[int]) -> torch.Tensor:
+        """Run prompts packed into one sequence; return hidden states `[total_tokens, hidden]`."""
+        lengths = [len(ids) for ids in input_ids]
+        tokens = torch.tensor([[t for ids in input_ids for t in ids]], device=self.device)
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
+        total = len(positions)
+        packed = torch.arange(total, device=self.device)
+        mask = None
+        if len(lengths) > 1 or (self.sliding_window is not None and total > self.sliding_window):
+            segment = torch.repeat_interleave(torch.tensor(lengths)).to(self.device)
+            allowed = (segment[:, None] == segment[None, :]) & (packed[None, :] <= packed[:, None])
+            if self.sliding_window is not None:
+                allowed &= packed[None, :] > packed[:, None] - self.sliding_window
+            mask = self._additive(allowed[None, None])
+        rows = [(row, start, end - start) for row, (start, end) in zip(seq_ids, _bounds(lengths))]
+        self.cache.step = _Step(prefill=True, rows=rows)
         try:
-            hidden = self._forward(tokens, positions, positions[0], mask)
+            hidden = self._forward(tokens, positions[None], packed, mask)
         finally:
             self.cache.step = None
-        last = hidden[torch.arange(n, device=self.device), length_t - 1]
-        prompt_logits: list[torch.Tensor | None] = [None] * n
-        for i, wanted in enumerate(want_prompt_logits or []):
-            if wanted:
-                prompt_logits[i] = self._logits(hidden[i, : lengths[i]]).cpu()
-        return PrefillOutput(logits=self._logits(last).cpu(), prompt_logits=prompt_logits)
+        return hidden[0]
 
     @torch.inference_mode()
     def decode(

@@ -44,6 +44,11 @@ serve: install test-model
 bench-engine: install test-model
 	$(PYTHON) -m benchmarks.engine --repeats 3 --out benchmarks/results/engine.json
 
+# torch.compile of the static-shape decode step, bf16 and fp32 (a few minutes: inductor builds C++).
+.PHONY: bench-compile
+bench-compile: install test-model
+	$(PYTHON) -m benchmarks.compile_step --out benchmarks/results/compile.json
+
 # End to end: our server (batch 8 and 16), the bare transformers ceiling and the SageMaker HF
 # toolkit peer (own virtual environment, created on first use; needs java), same prompts and
 # levels. About 15 minutes on 2 cores; run it on a quiet machine. bench-quick is a smoke run.

@@ -51,6 +51,8 @@ from benchmarks.peer import default_venv, ensure_venv, start_peer
 from benchmarks.servers import ServerProcess, start_ours
 
 _STARTED = time.perf_counter()
+WARMUP_REQUESTS = 4
+"""Fewest unmeasured requests before a level's measured ones (one client sends them in turn)."""
 
 
 @dataclass(frozen=True)
@@ -126,12 +128,14 @@ def run_levels(
 ) -> list[LoadResult]:
     results = []
     for level in options.levels:
+        # At least WARMUP_REQUESTS unmeasured requests per level, whatever the client count.
+        warmup = max(options.warmup_rounds, -(-WARMUP_REQUESTS // level))
         result = measure(
             options,
             server,
             f"{name}: {level} clients",
-            lambda quiet, level=level: run_level(
-                client, level, options.rounds, options.warmup_rounds, monitor=monitor, quiet=quiet
+            lambda quiet, level=level, warmup=warmup: run_level(
+                client, level, options.rounds, warmup, monitor=monitor, quiet=quiet
             ),
         )
         progress(

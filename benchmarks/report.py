@@ -272,7 +272,8 @@ def to_markdown(report: dict[str, Any], plots: Sequence[str] = ()) -> str:
         f"SmolLM2-135M-Instruct, {report['prompts']['count']} prompts of "
         f"{min(report['prompts']['tokens'])} to {max(report['prompts']['tokens'])} tokens, "
         f"{o['max_new_tokens']} new tokens, greedy; closed loop of C clients, "
-        f"{o['warmup_rounds']} warm-up and {o['rounds']} measured requests per client. "
+        f"{o['warmup_rounds']} warm-up request per client (at least 4 per level) and "
+        f"{o['rounds']} measured requests per client. "
         "All ratios below come from this one run.",
         "",
         "Equal lengths: the peer is asked for `min_new_tokens` = `max_new_tokens`. Our HTTP API "

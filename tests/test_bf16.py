@@ -38,13 +38,27 @@ def greedy(engine: Engine, ids: list[int], n: int) -> list[int]:
 def test_bf16_matches_transformers_bf16_alone_and_in_a_batch(
     bf16_engine: Engine, bf16_reference, tokenizer
 ) -> None:
+    """Alone, every greedy token equals `transformers` in bf16. In a batch the prompts are
+    packed and rows share matrix products, which rounds differently in bf16 (as a batched
+    `generate` does): there each chosen token must be the reference's best choice given the same
+    prefix, or lie within one bf16 step of it (logits of 16 to 32 are 1/8 apart in bf16)."""
     assert bf16_engine.backend.shape.dtype == "bfloat16"
-    prompts = [tokenizer(p).input_ids for p in PROMPTS[:4]]
-    expected = [reference_greedy(bf16_reference, ids, 12) for ids in prompts]
-    assert [greedy(bf16_engine, ids, 12) for ids in prompts[:2]] == expected[:2]
-    with ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(lambda ids: greedy(bf16_engine, ids, 12), prompts))
-    assert together == expected
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    expected = [reference_greedy(bf16_reference, ids, 32) for ids in prompts]
+    assert [greedy(bf16_engine, ids, 32) for ids in prompts] == expected
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda ids: greedy(bf16_engine, ids, 32), prompts))
+    exact = 0
+    for ids, got, want in zip(prompts, together, expected):
+        exact += got == want  # (a batched answer may also stop early on a tied EOS)
+        with torch.inference_mode():
+            logits = bf16_reference(torch.tensor([ids + got])).logits[0, len(ids) - 1 : -1]
+        logits = logits.float()  # [len(got), vocab]: the reference's logits given our prefix
+        best = logits.max(-1).values
+        shortfall = best - logits.gather(1, torch.tensor(got)[:, None])[:, 0]
+        step = torch.finfo(torch.bfloat16).eps * 2 ** torch.floor(torch.log2(best.abs()))
+        assert bool((shortfall <= step).all()), (tokenizer.decode(ids), shortfall, step)
+    assert exact >= len(prompts) // 2, f"only {exact} of {len(prompts)} batched answers are exact"
 
 
 @pytest.mark.parametrize(

@@ -72,7 +72,7 @@ def _packs(lengths: list[int], limit: int) -> list[list[int]]:
 
 
 SLOT_ATTENTION = "slot_sdpa"
-"""`sdpa` that keeps grouped key/value heads grouped when a mask is given on CPU."""
+"""`sdpa`, with two CPU paths that `transformers`' own `sdpa` does not take (see below)."""
 
 
 def slot_sdpa_forward(
@@ -86,28 +86,41 @@ def slot_sdpa_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """query `[n, heads, q, head_dim]`, key/value `[n, kv_heads, k, head_dim]` -> `[n, q, heads,
-    head_dim]`.
+    head_dim]`. On CPU:
 
-    With a mask, `transformers`' `sdpa` copies every key/value head `heads / kv_heads` times
-    before attention (its GQA path is for masks of None only, the CUDA kernels' limit). The CPU
-    kernel takes the grouped heads and a mask directly: 133 against 214 us per layer at batch 8
-    over 209 positions, same result. Elsewhere this is `sdpa` unchanged.
+    - Grouped heads stay grouped. With a mask, `transformers`' `sdpa` copies every key/value
+      head `heads / kv_heads` times before attention (its GQA path is for masks of None only, the
+      CUDA kernels' limit); the CPU kernel takes grouped heads and a mask directly: 108 against
+      214 us per layer at batch 8 over 209 positions (fp32), same result.
+    - A bf16/fp16 decode step (one query per row) attends in fp32. The CPU kernel's reduced
+      precision path is slow for a single query: 1.4-2.0 ms per layer at batch 16 over 209
+      positions against 0.33 ms upcast, 30-50 ms of a 16-row step on 2 cores. The kernel
+      computes scores and softmax in fp32 anyway; only its rounding of the probabilities to bf16
+      before the value product differs (outputs within one bf16 step; greedy answers equal
+      `transformers` in bf16, tests/test_bf16.py).
+
+    Elsewhere this is `sdpa` unchanged.
     """
-    groups = getattr(module, "num_key_value_groups", 1)
-    if attention_mask is None or groups == 1 or query.device.type != "cpu":
+    if query.device.type != "cpu":
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, **kwargs
         )
+    grouped = getattr(module, "num_key_value_groups", 1) > 1
+    upcast = query.dtype != torch.float32 and query.shape[2] == 1
+    if not upcast and (attention_mask is None or not grouped):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, **kwargs
+        )
+    dtype = query.dtype
+    mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
+    if upcast:
+        query, key, value = query.float(), key.float(), value.float()
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.float()
     out = torch.nn.functional.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask[:, :, :, : key.shape[-2]],
-        dropout_p=dropout,
-        scale=scaling,
-        enable_gqa=True,
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=grouped
     )
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).to(dtype).contiguous(), None
 
 
 AttentionInterface.register(SLOT_ATTENTION, slot_sdpa_forward)

@@ -317,10 +317,14 @@ def test_a_prefill_fault_fails_only_the_requests_it_was_admitting(
     engine: Engine, golden, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A stream runs; a request arriving meanwhile has its prefill raise: it gets 424, the
-    stream goes on to its full answer, and the next request is served."""
+    stream goes on to its full answer, and the next request is served.
+
+    The arrival first joins the stream's decode in a mixed step, which raises too: the
+    generator then runs the prefill and the decode apart, and only the prefill fails."""
     client = client_for(engine)
     real_prefill = engine.backend.prefill
     calls = itertools.count()
+    mixed_calls = itertools.count()
     running = threading.Event()
 
     def prefill(*args: Any) -> Any:
@@ -328,7 +332,12 @@ def test_a_prefill_fault_fails_only_the_requests_it_was_admitting(
             raise RuntimeError("injected prefill fault")
         return real_prefill(*args)
 
+    def mixed(*args: Any) -> Any:
+        next(mixed_calls)
+        raise RuntimeError("injected fault in the prompt part of a mixed step")
+
     monkeypatch.setattr(engine.backend, "prefill", prefill)
+    monkeypatch.setattr(engine.backend, "mixed", mixed)
 
     def stream() -> list[dict[str, Any]]:
         body = {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 40}}
@@ -349,6 +358,7 @@ def test_a_prefill_fault_fails_only_the_requests_it_was_admitting(
         events = streamed.result(timeout=120)
     assert failed.status_code == 424 and failed.json["error_type"] == "generation"
     assert "prefill step raised RuntimeError" in failed.json["error"]
+    assert next(mixed_calls) == 1  # the arrival was first tried in a mixed step
     assert events[-1]["generated_text"] == golden(PROMPTS[1], 40)
     assert [e["index"] for e in events] == list(range(1, 41))
     served = client.post(

@@ -121,3 +121,46 @@ def test_slot_attention_equals_sdpa_with_grouped_heads() -> None:
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     # Row 3 sees only position 0: its output is that position's value, head by head.
     torch.testing.assert_close(got[3, 0], value[3, :, 0].repeat_interleave(3, dim=0))
+
+
+def test_a_mixed_step_decodes_and_prefills_in_one_forward(reference_model, tokenizer) -> None:
+    """Rows 3, 0, 2 decode while a prompt joins row 1 in the same forward; every row then
+    continues as `generate` does alone."""
+    backend = TorchBackend(reference_model, batch_size=4, sequence_length=256)
+    prompts = [tokenizer(p).input_ids for p in PROMPTS[:3]]
+    rows = [3, 0, 2]
+    tokens = [[t] for t in backend.prefill(prompts, rows).logits.argmax(-1).tolist()]
+    positions = [len(p) for p in prompts]
+    late = tokenizer(PROMPTS[4]).input_ids
+    shapes: list[tuple[int, ...]] = []
+    hook = backend.decoder.embed_tokens.register_forward_hook(
+        lambda module, args, output: shapes.append(tuple(args[0].shape))
+    )
+    try:
+        ids = torch.tensor([t[-1] for t in tokens])
+        logits, output = backend.mixed(ids, torch.tensor(positions), rows, [late], [1], [True])
+    finally:
+        hook.remove()
+    # One forward: the decode queries of rows 0..3 (row 1 a placeholder), then the prompt.
+    assert shapes == [(1, 4 + len(late))]
+    with torch.inference_mode():
+        want = reference_model(torch.tensor([late])).logits[0]
+    torch.testing.assert_close(output.prompt_logits[0], want, atol=1e-4, rtol=1e-4)
+    late_tokens = [int(output.logits[0].argmax())]
+    for i, chosen in enumerate(logits.argmax(-1).tolist()):
+        tokens[i].append(chosen)
+        positions[i] += 1
+    for _ in range(8):
+        ids = [t[-1] for t in tokens] + late_tokens[-1:]
+        pos = [*positions, len(late) + len(late_tokens) - 1]
+        chosen = backend.decode(torch.tensor(ids), torch.tensor(pos), [*rows, 1]).argmax(-1)
+        for i in range(3):
+            tokens[i].append(int(chosen[i]))
+            positions[i] += 1
+        late_tokens.append(int(chosen[3]))
+    # The reference stops at EOS: compare up to there.
+    for prompt, got in zip(prompts, tokens):
+        want = reference_greedy(reference_model, prompt, len(got))
+        assert got[: len(want)] == want
+    want = reference_greedy(reference_model, late, len(late_tokens))
+    assert late_tokens[: len(want)] == want

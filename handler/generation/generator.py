@@ -8,6 +8,11 @@ One thread owns the model. Each loop iteration:
    admitted when a slot is free, since its prompt is at most `max_input_tokens`);
 3. runs one decode step over every slot that holds a request.
 
+When the backend can (`ModelShape.mixed_steps`), steps 2 and 3 are one forward: the decode
+queries of the running slots and the admitted prompts, packed in one sequence, so that a
+prefill pauses the streams for its prompt's tokens only. If such a step fails, its prefill and
+its decode run again apart, so that a failure still fails only the requests it belongs to.
+
 Scheduling policy: a waiting request is never overtaken (FIFO), so it waits only for the
 requests ahead of it to finish and free a slot. A running stream is delayed by at most one
 prefill of `max_batch_prefill_tokens` tokens between two of its tokens; lowering that setting
@@ -41,7 +46,7 @@ from handler.generation.request import (
 from handler.generation.sampling import Selection, TokenSelector
 from handler.generation.slots import Slot, SlotState
 from handler.generation.stopping import FinishReason, StoppingCriteria
-from handler.model.base import ModelBackend
+from handler.model.base import ModelBackend, PrefillOutput
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +173,11 @@ class Generator:
                         break
                     admitted = self._admit()
                 self._drop_cancelled()
+                admitted = [slot for slot in admitted if slot.state is SlotState.PREFILL]
+                decoding = [slot for slot in self.slots if slot.state is SlotState.DECODE]
+                if admitted and decoding and self.backend.shape.mixed_steps:
+                    self._mixed(admitted, decoding)
+                    continue
                 if admitted:
                     self._prefill(admitted)
                 if any(slot.state is SlotState.DECODE for slot in self.slots):
@@ -275,20 +285,58 @@ class Generator:
             self._fail(slots, "prefill", exc)
             return
         self._observe("prefill", len(slots), started)
+        self._prefilled(slots, output)
+        self._emit(slots, selection)
+
+    def _prefilled(self, slots: list[Slot], output: PrefillOutput) -> None:
         self._steps_since_prefill = 0
         for i, slot in enumerate(slots):
             slot.prefilled()
             if output.prompt_logits[i] is not None:
                 slot.prefill_tokens = self._prompt_tokens(
-                    requests[i].prompt_ids, output.prompt_logits[i]
+                    slot.handle.request.prompt_ids, output.prompt_logits[i]
                 )
-        self._emit(slots, selection)
+
+    @staticmethod
+    def _last_tokens(slots: list[Slot]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode inputs: `[n]` last token of each slot, `[n]` its position."""
+        input_ids = torch.tensor([slot.generated[-1] for slot in slots], dtype=torch.long)
+        positions = torch.tensor([slot.total_tokens - 1 for slot in slots], dtype=torch.long)
+        return input_ids, positions
+
+    def _mixed(self, admitted: list[Slot], decoding: list[Slot]) -> None:
+        requests = [slot.handle.request for slot in admitted]
+        prompt_seq_ids = [slot.index for slot in admitted]
+        seq_ids = [slot.index for slot in decoding]
+        input_ids, positions = self._last_tokens(decoding)
+        started = time.monotonic()
+        try:
+            logits, output = self.backend.mixed(
+                input_ids,
+                positions,
+                seq_ids,
+                [r.prompt_ids for r in requests],
+                prompt_seq_ids,
+                [r.decoder_input_details for r in requests],
+            )
+            selection = self.selector.select(
+                torch.cat([logits, output.logits]), seq_ids + prompt_seq_ids
+            )
+        except Exception as exc:
+            logger.warning("mixed step failed (%s): its prefill and decode run again apart", exc)
+            self._prefill(admitted)
+            if any(slot.state is SlotState.DECODE for slot in self.slots):
+                self._decode()
+            return
+        self._observe("prefill", len(admitted), started)
+        self._observe("decode", len(decoding), started)
+        self._prefilled(admitted, output)
+        self._emit(decoding + admitted, selection)
 
     def _decode(self) -> None:
         slots = [slot for slot in self.slots if slot.state is SlotState.DECODE]
         seq_ids = [slot.index for slot in slots]
-        input_ids = torch.tensor([slot.generated[-1] for slot in slots], dtype=torch.long)
-        positions = torch.tensor([slot.total_tokens - 1 for slot in slots], dtype=torch.long)
+        input_ids, positions = self._last_tokens(slots)
         started = time.monotonic()
         try:
             logits = self.backend.decode(input_ids, positions, seq_ids)

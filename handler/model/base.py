@@ -37,6 +37,8 @@ class ModelShape:
     on_device_sampling: bool = False
     """The model samples on the device and returns token ids, not logits: see the module
     docstring. Seeds, penalties, typical_p and top-n log-probabilities are unavailable."""
+    mixed_steps: bool = False
+    """The backend has `mixed`: a decode step and a prefill in one forward (see `MixedBackend`)."""
 
 
 @dataclass
@@ -77,4 +79,22 @@ class ModelBackend(Protocol):
         input_ids: `[n]` last token of each row; position_ids: `[n]` its position (tokens so
         far - 1); returns `[n, vocab]` float32 logits.
         """
+        ...
+
+
+class MixedBackend(ModelBackend, Protocol):
+    """A backend that can also run a decode step and a prefill as one forward
+    (`ModelShape.mixed_steps`): streams then pause for the new prompts' tokens only."""
+
+    def mixed(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        seq_ids: list[int],
+        prompts: list[list[int]],
+        prompt_seq_ids: list[int],
+        want_prompt_logits: list[bool] | None = None,
+    ) -> tuple[torch.Tensor, PrefillOutput]:
+        """`decode(input_ids, position_ids, seq_ids)` and `prefill(prompts, prompt_seq_ids,
+        want_prompt_logits)` at once: `[n, vocab]` decode logits and the prefill's output."""
         ...

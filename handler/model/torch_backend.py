@@ -15,7 +15,8 @@ mask and the attention grow with the square of a pack's length; a longer prompt 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
@@ -39,17 +40,35 @@ PACK_TOKENS = 512
 
 @dataclass
 class _Step:
-    """How the current forward call maps onto cache rows and positions."""
+    """How the current forward call maps onto cache rows and positions.
 
-    prefill: bool
-    rows: list[tuple[int, int, int]] | slice
-    """Prefill: `(row, start, length)` of each prompt packed in the sequence. Decode: the
-    contiguous slice of rows the batch covers."""
+    Three kinds: a prefill (`segments` only: prompts packed in one sequence), a decode (`rows`
+    only: a batch of one query per row) and a mixed step (both: one sequence holding the decode
+    queries of `rows` first, then the packed prompts).
+    """
+
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
+    """`(row, start, length)` of each prompt packed in the sequence."""
+    rows: slice | None = None
+    """The contiguous slice of rows the decode queries cover."""
     write_rows: torch.Tensor | None = None
     """Decode: `[n]` row indices to write, `write_pos`: `[n]` their positions."""
     write_pos: torch.Tensor | None = None
     kv_len: int = 0
     """Decode: number of cached positions the attention covers."""
+    decode_mask: torch.Tensor | None = None
+    """Mixed: additive `[n, 1, 1, kv_len]` mask of the decode queries over their rows."""
+    prompt_mask: torch.Tensor | None = None
+    """Mixed: additive `[1, 1, T, T]` mask of the packed prompts (None: one causal prompt)."""
+    cache: SlotKVCache | None = None
+
+    @property
+    def mixed(self) -> bool:
+        return self.rows is not None and bool(self.segments)
+
+
+_active = threading.local()
+"""`_active.step`: the mixed step the calling thread's forward is running, for the attention."""
 
 
 def _bounds(lengths: list[int]) -> list[tuple[int, int]]:
@@ -101,6 +120,9 @@ def slot_sdpa_forward(
 
     Elsewhere this is `sdpa` unchanged.
     """
+    step = getattr(_active, "step", None)
+    if step is not None:
+        return _mixed_attention(module, query, key, value, step, scaling), None
     if query.device.type != "cpu":
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, **kwargs
@@ -111,16 +133,64 @@ def slot_sdpa_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, **kwargs
         )
-    dtype = query.dtype
     mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
-    if upcast:
+    return _attend(query, key, value, mask, scaling, grouped).transpose(1, 2).contiguous(), None
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+    grouped: bool,
+) -> torch.Tensor:
+    """`sdpa` over `[n, heads, q, head_dim]` queries, grouped key/value heads kept grouped, a
+    single query in reduced precision on CPU computed in fp32; no mask means causal."""
+    dtype = query.dtype
+    if query.device.type == "cpu" and dtype != torch.float32 and query.shape[2] == 1:
         query, key, value = query.float(), key.float(), value.float()
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.float()
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=grouped
+        query,
+        key,
+        value,
+        attn_mask=mask,
+        is_causal=mask is None and query.shape[2] > 1,
+        scale=scaling,
+        enable_gqa=grouped,
     )
-    return out.transpose(1, 2).to(dtype).contiguous(), None
+    return out.to(dtype)
+
+
+def _mixed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    step: _Step,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Attention of a mixed step: query/key/value `[1, heads, n + T, head_dim]` hold `n` decode
+    queries, then `T` packed prompt tokens -> `[1, n + T, heads, head_dim]`. Each decode query
+    attends to its own cache row, each prompt token to its own prompt."""
+    n = step.rows.stop - step.rows.start
+    grouped = getattr(module, "num_key_value_groups", 1) > 1
+    keys = step.cache.keys[module.layer_idx][step.rows, :, : step.kv_len]
+    values = step.cache.values[module.layer_idx][step.rows, :, : step.kv_len]
+    decoded = _attend(
+        query[0, :, :n].transpose(0, 1)[:, :, None],
+        keys,
+        values,
+        step.decode_mask,
+        scaling,
+        grouped,
+    )  # [n, heads, 1, head_dim]
+    prompts = _attend(
+        query[:, :, n:], key[:, :, n:], value[:, :, n:], step.prompt_mask, scaling, grouped
+    )  # [1, heads, T, head_dim]
+    return torch.cat([decoded[:, :, 0][None], prompts.transpose(1, 2)], dim=1).contiguous()
 
 
 AttentionInterface.register(SLOT_ATTENTION, slot_sdpa_forward)
@@ -156,23 +226,30 @@ class SlotKVCache(Cache):
             self._allocate(layer_idx, key_states)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         step = self.step
-        if step.prefill:
-            # Packed prompts attend only to themselves: no need to read the cache back.
-            for row, start, length in step.rows:
-                keys[row, :, :length] = key_states[0, :, start : start + length]
-                values[row, :, :length] = value_states[0, :, start : start + length]
+        # Packed prompts attend only to themselves: their states are stored, never read back.
+        for row, start, length in step.segments:
+            keys[row, :, :length] = key_states[0, :, start : start + length]
+            values[row, :, :length] = value_states[0, :, start : start + length]
+        if step.rows is None:
             return key_states, value_states
-        keys[step.write_rows, :, step.write_pos] = key_states[:, :, 0]
-        values[step.write_rows, :, step.write_pos] = value_states[:, :, 0]
+        if step.segments:  # mixed: the decode queries are the sequence's first positions
+            n = step.rows.stop - step.rows.start
+            new_keys, new_values = (s[0, :, :n].transpose(0, 1) for s in (key_states, value_states))
+        else:
+            new_keys, new_values = key_states[:, :, 0], value_states[:, :, 0]
+        keys[step.write_rows, :, step.write_pos] = new_keys
+        values[step.write_rows, :, step.write_pos] = new_values
+        if step.segments:  # the mixed attention reads the rows itself
+            return key_states, value_states
         return keys[step.rows, :, : step.kv_len], values[step.rows, :, : step.kv_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.step is None or self.step.prefill else self.step.kv_len - 1
+        decoding = self.step is not None and self.step.rows is not None and not self.step.mixed
+        return self.step.kv_len - 1 if decoding else 0
 
     def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int) -> tuple[int, int]:
-        if self.step is None or self.step.prefill:
-            return cache_position.shape[0], 0
-        return self.step.kv_len, 0
+        decoding = self.step is not None and self.step.rows is not None and not self.step.mixed
+        return (self.step.kv_len, 0) if decoding else (cache_position.shape[0], 0)
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.sequence_length
@@ -213,6 +290,7 @@ class TorchBackend:
             vocab_size=self.lm_head.weight.shape[0],
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
+            mixed_steps=True,
         )
         self._min = torch.finfo(self.dtype).min
 
@@ -296,38 +374,54 @@ class TorchBackend:
             logits=self._logits(torch.stack(last)).cpu(), prompt_logits=prompt_logits
         )
 
-    def _prefill_pack(self, input_ids: list[list[int]], seq_ids: list[int]) -> torch.Tensor:
-        """Run prompts packed into one sequence; return hidden states `[total_tokens, hidden]`."""
+    def _prompt_layout(
+        self, input_ids: list[list[int]], seq_ids: list[int], offset: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]], torch.Tensor | None]:
+        """Packed prompts: tokens `[T]`, positions `[T]`, their segments (starting at
+        `offset` in the sequence) and the additive `[1, 1, T, T]` mask (None: one causal
+        prompt)."""
         lengths = [len(ids) for ids in input_ids]
-        tokens = torch.tensor([[t for ids in input_ids for t in ids]], device=self.device)
+        tokens = torch.tensor([t for ids in input_ids for t in ids], device=self.device)
         positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
         total = len(positions)
-        packed = torch.arange(total, device=self.device)
         mask = None
         if len(lengths) > 1 or (self.sliding_window is not None and total > self.sliding_window):
+            packed = torch.arange(total, device=self.device)
             segment = torch.repeat_interleave(torch.tensor(lengths)).to(self.device)
             allowed = (segment[:, None] == segment[None, :]) & (packed[None, :] <= packed[:, None])
             if self.sliding_window is not None:
                 allowed &= packed[None, :] > packed[:, None] - self.sliding_window
             mask = self._additive(allowed[None, None])
-        rows = [(row, start, end - start) for row, (start, end) in zip(seq_ids, _bounds(lengths))]
-        self.cache.step = _Step(prefill=True, rows=rows)
+        segments = [
+            (row, offset + start, end - start)
+            for row, (start, end) in zip(seq_ids, _bounds(lengths))
+        ]
+        return tokens, positions, segments, mask
+
+    def _prefill_pack(self, input_ids: list[list[int]], seq_ids: list[int]) -> torch.Tensor:
+        """Run prompts packed into one sequence; return hidden states `[total_tokens, hidden]`."""
+        tokens, positions, segments, mask = self._prompt_layout(input_ids, seq_ids)
+        packed = torch.arange(len(tokens), device=self.device)
+        self.cache.step = _Step(segments=segments)
         try:
-            hidden = self._forward(tokens, positions[None], packed, mask)
+            hidden = self._forward(tokens[None], positions[None], packed, mask)
         finally:
             self.cache.step = None
         return hidden[0]
 
-    @torch.inference_mode()
-    def decode(
+    def _decode_layout(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_ids: list[int]
-    ) -> torch.Tensor:
+    ) -> tuple[_Step, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """The step over the contiguous row range `[lo, hi)` of `seq_ids`, so that the cache is
+        read as a view, never gathered. Rows in the range that are not being decoded are
+        padding: they write their last position (which any row writes itself before reading it)
+        and attend to position 0 only; their outputs are dropped.
+
+        Returns the step (its `decode_mask` set unless every row is at the same position),
+        tokens `[n]`, query positions `[n]`, the index of each of `seq_ids` in the range `[m]`
+        and whether the rows are uniform (dense, same position: no mask needed)."""
         lo, hi = min(seq_ids), max(seq_ids) + 1
         n = hi - lo
-        # The step runs over the contiguous row range [lo, hi) so that the cache is read as a
-        # view, never gathered. Rows in the range that are not being decoded are padding: they
-        # write their last position (which any row writes itself before reading it) and
-        # attend to position 0 only; their outputs are dropped.
         index = torch.tensor(seq_ids) - lo
         tokens = torch.zeros(n, dtype=torch.long)
         tokens[index] = input_ids.cpu()
@@ -337,28 +431,86 @@ class TorchBackend:
         query_pos[index] = position_ids.cpu()
         valid = query_pos + 1
         kv_len = int(valid.max())
-        dense = len(seq_ids) == n
-        uniform = dense and bool((write_pos == write_pos[0]).all())
+        uniform = len(seq_ids) == n and bool((write_pos == write_pos[0]).all())
         tokens, write_pos, query_pos, valid = (
             t.to(self.device) for t in (tokens, write_pos, query_pos, valid)
         )
-        allowed = None if uniform else self._allowed(query_pos[:, None], kv_len, valid)
-        mask = None if allowed is None else self._additive(allowed)
-        self.cache.step = _Step(
-            prefill=False,
+        step = _Step(
             rows=slice(lo, hi),
             write_rows=torch.arange(lo, hi, device=self.device),
             write_pos=write_pos,
             kv_len=kv_len,
         )
+        if not uniform:
+            step.decode_mask = self._additive(self._allowed(query_pos[:, None], kv_len, valid))
+        return step, tokens, query_pos, index.to(self.device), uniform
+
+    @torch.inference_mode()
+    def decode(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_ids: list[int]
+    ) -> torch.Tensor:
+        step, tokens, query_pos, index, uniform = self._decode_layout(
+            input_ids, position_ids, seq_ids
+        )
+        self.cache.step = step
         try:
             hidden = self._forward(
                 tokens[:, None],
                 query_pos[:, None],
-                write_pos[:1] if uniform else torch.tensor([kv_len - 1], device=self.device),
-                mask,
+                step.write_pos[:1]
+                if uniform
+                else torch.tensor([step.kv_len - 1], device=self.device),
+                step.decode_mask,
             )
         finally:
             self.cache.step = None
-        logits = self._logits(hidden[:, -1])
-        return logits[index.to(self.device)].cpu()
+        return self._logits(hidden[index, -1]).cpu()
+
+    @torch.inference_mode()
+    def mixed(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        seq_ids: list[int],
+        prompts: list[list[int]],
+        prompt_seq_ids: list[int],
+        want_prompt_logits: list[bool] | None = None,
+    ) -> tuple[torch.Tensor, PrefillOutput]:
+        """A decode step of rows `seq_ids` and the prefill of `prompts` into rows
+        `prompt_seq_ids` in one forward: the sequence holds the decode queries, then the packed
+        prompts. A prefill then costs the streams its prompt's tokens only, not a forward of its
+        own. Prompts beyond `PACK_TOKENS` run as a prefill of their own, then the decode."""
+        if sum(len(ids) for ids in prompts) > PACK_TOKENS:
+            output = self.prefill(prompts, prompt_seq_ids, want_prompt_logits)
+            return self.decode(input_ids, position_ids, seq_ids), output
+        step, tokens, query_pos, index, _ = self._decode_layout(input_ids, position_ids, seq_ids)
+        n = len(tokens)
+        if step.decode_mask is None:
+            valid = query_pos + 1
+            step.decode_mask = self._additive(self._allowed(query_pos[:, None], step.kv_len, valid))
+        prompt_tokens, prompt_positions, step.segments, step.prompt_mask = self._prompt_layout(
+            prompts, prompt_seq_ids, offset=n
+        )
+        step.cache = self.cache
+        sequence = torch.cat([tokens, prompt_tokens])[None]
+        positions = torch.cat([query_pos, prompt_positions])[None]
+        self.cache.step = _active.step = step
+        try:
+            # Any 4D mask makes `transformers` pass it through untouched; the mixed attention
+            # uses the step's own masks.
+            hidden = self._forward(
+                sequence,
+                positions,
+                torch.arange(sequence.shape[1], device=self.device),
+                step.decode_mask,
+            )[0]
+        finally:
+            self.cache.step = _active.step = None
+        wanted = want_prompt_logits or [False] * len(prompts)
+        last = [hidden[start + length - 1] for _, start, length in step.segments]
+        prompt_logits = [
+            self._logits(hidden[start : start + length]).cpu() if wanted[i] else None
+            for i, (_, start, length) in enumerate(step.segments)
+        ]
+        logits = self._logits(torch.cat([hidden[index], torch.stack(last)])).cpu()
+        return logits[: len(seq_ids)], PrefillOutput(logits[len(seq_ids) :], prompt_logits)

@@ -175,19 +175,23 @@ def bench_ours(options: Options, batch: int, work: Path) -> dict[str, Any]:
         )
         progress(f"{name}: arrivals: ITL p90 {arrivals.itl_p90_ms or 0:.1f} ms")
     runs = [*levels, arrivals]
-    memory = reporting.model_memory(options.model_dir, info["dtype"])
+    memory = reporting.model_memory(options.model_dir, info["dtype"], info.get("kv_cache_dtype"))
     return {
         "label": f"ours, batch {batch}",
         "batch_size": batch,
         "max_total_tokens": options.max_total_tokens,
         "streaming": True,
-        "info": {k: info.get(k) for k in ("backend", "device", "dtype", "max_batch_size")},
+        "info": {
+            k: info.get(k)
+            for k in ("backend", "device", "dtype", "kv_cache_dtype", "max_batch_size")
+        },
         "levels": [r.as_dict() for r in levels],
         "arrivals": arrivals.as_dict(),
         "peak_rss_mib": max(r.server.peak_rss_mib for r in runs if r.server),
         "peak_pss_mib": max(r.server.peak_pss_mib for r in runs if r.server),
         "memory": {
             "dtype": info["dtype"],
+            "kv_cache_dtype": info.get("kv_cache_dtype") or info["dtype"],
             "parameters": memory.parameters,
             "weights_mib": memory.weights_mib,
             "kv_cache_mib": memory.kv_cache_mib(batch, options.max_total_tokens),

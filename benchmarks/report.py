@@ -44,9 +44,10 @@ class ModelMemory:
         return self.kv_bytes_per_token * batch_size * max_total_tokens / MIB
 
 
-def model_memory(model_dir: str, dtype: str) -> ModelMemory:
+def model_memory(model_dir: str, dtype: str, kv_dtype: str | None = None) -> ModelMemory:
     """Count parameters on the meta device (tied embeddings once) and size the KV cache:
-    2 x layers x kv_heads x head_dim x bytes per element, per token."""
+    2 x layers x kv_heads x head_dim x bytes per element (of `kv_dtype`, default `dtype`), per
+    token."""
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -60,7 +61,11 @@ def model_memory(model_dir: str, dtype: str) -> ModelMemory:
         parameters=parameters,
         dtype=dtype,
         weights_mib=parameters * itemsize / MIB,
-        kv_bytes_per_token=2 * config.num_hidden_layers * kv_heads * head_dim * itemsize,
+        kv_bytes_per_token=2
+        * config.num_hidden_layers
+        * kv_heads
+        * head_dim
+        * getattr(torch, kv_dtype or dtype).itemsize,
     )
 
 
@@ -184,8 +189,10 @@ def targets(report: dict[str, Any]) -> list[Target]:
                 memory["weights_mib"] + memory["kv_cache_mib"] + RSS_SLACK_MIB if memory else None,
                 "MiB",
                 False,
-                f"weights {_num(memory and memory['weights_mib'])} MiB + KV cache "
-                f"{_num(memory and memory['kv_cache_mib'])} MiB ({memory and memory['dtype']}); "
+                f"weights {_num(memory and memory['weights_mib'])} MiB "
+                f"({memory and memory['dtype']}) + KV cache "
+                f"{_num(memory and memory['kv_cache_mib'])} MiB "
+                f"({memory and memory.get('kv_cache_dtype', memory['dtype'])}); "
                 f"Python + torch + transformers + server imported, no model: "
                 f"{_num(memory and memory.get('runtime_mib'))} MiB; summed RSS "
                 f"{_num(ours.get('peak_rss_mib'))} MiB",

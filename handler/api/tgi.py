@@ -179,6 +179,7 @@ class Info(Answer):
     backend: str | None
     device: str | None
     dtype: str | None
+    kv_cache_dtype: str | None
     on_device_sampling: bool
     status: str
 

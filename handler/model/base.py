@@ -37,6 +37,8 @@ class ModelShape:
     on_device_sampling: bool = False
     """The model samples on the device and returns token ids, not logits: see the module
     docstring. Seeds, penalties, typical_p and top-n log-probabilities are unavailable."""
+    kv_cache_dtype: str | None = None
+    """The KV cache's element type when it differs from `dtype`."""
     mixed_steps: bool = False
     """The backend has `mixed`: a decode step and a prefill in one forward (see `MixedBackend`)."""
 

@@ -467,6 +467,9 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
             backend=engine.backend_name if engine else None,
             device=engine.device if engine else None,
             dtype=engine.dtype if engine else None,
+            kv_cache_dtype=(getattr(shape, "kv_cache_dtype", None) or engine.dtype)
+            if engine
+            else None,
             on_device_sampling=getattr(shape, "on_device_sampling", False),
             status=state.stage.value,
         )

@@ -30,6 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -46,7 +47,7 @@ from handler.generation.request import (
 from handler.generation.sampling import Selection, TokenSelector
 from handler.generation.slots import Slot, SlotState
 from handler.generation.stopping import FinishReason, StoppingCriteria
-from handler.model.base import ModelBackend, PrefillOutput
+from handler.model.base import MixedBackend, ModelBackend, PrefillOutput
 
 logger = logging.getLogger(__name__)
 
@@ -309,9 +310,10 @@ class Generator:
         prompt_seq_ids = [slot.index for slot in admitted]
         seq_ids = [slot.index for slot in decoding]
         input_ids, positions = self._last_tokens(decoding)
+        backend = cast(MixedBackend, self.backend)  # `shape.mixed_steps` said it can
         started = time.monotonic()
         try:
-            logits, output = self.backend.mixed(
+            logits, output = backend.mixed(
                 input_ids,
                 positions,
                 seq_ids,

@@ -41,13 +41,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
-from deploy.instances import (
-    DeployError,
-    ServingConfig,
-    get_instance,
-    positive_int,
-)
-from handler.config import DEFAULT_BATCH_SIZE, DEFAULT_TOTAL_TOKENS
+from deploy.instances import DeployError, ServingConfig, get_instance
+from handler.config import DEFAULT_BATCH_SIZE, DEFAULT_TOTAL_TOKENS, positive_int_argument
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 """The exporter runs from here, so that `python -m handler...` finds the package."""
@@ -200,23 +195,23 @@ def _parser() -> argparse.ArgumentParser:
         f"a family ({', '.join(FAMILIES)}; then --num-cores is required)",
     )
     parser.add_argument(
-        "--num-cores", type=positive_int, help="HF_NUM_CORES (default: all the instance's)"
+        "--num-cores", type=positive_int_argument, help="HF_NUM_CORES (default: all the instance's)"
     )
     parser.add_argument("--auto-cast-type", help="HF_AUTO_CAST_TYPE: bf16, fp16 or fp32")
     parser.add_argument(
         "--max-batch-size",
-        type=positive_int,
+        type=positive_int_argument,
         default=DEFAULT_BATCH_SIZE,
         help=f"MAX_BATCH_SIZE, the compiled batch size (default {DEFAULT_BATCH_SIZE})",
     )
     parser.add_argument(
         "--max-input-tokens",
-        type=positive_int,
+        type=positive_int_argument,
         help="MAX_INPUT_TOKENS to deploy with (not compiled; checked against the total)",
     )
     parser.add_argument(
         "--max-total-tokens",
-        type=positive_int,
+        type=positive_int_argument,
         default=DEFAULT_TOTAL_TOKENS,
         help=f"MAX_TOTAL_TOKENS, the compiled sequence length (default {DEFAULT_TOTAL_TOKENS})",
     )

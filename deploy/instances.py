@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from handler.config import DTYPE_ALIASES, read_settings
+from handler.config import DTYPE_ALIASES, positive_int_argument, read_settings
 from handler.errors import ConfigError
 
 SAGEMAKER_PREFIX = "ml."
@@ -210,17 +210,6 @@ def redacted(env: Mapping[str, str]) -> dict[str, str]:
 # --- command lines -----------------------------------------------------------------------------
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number above zero."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer")
-    return value
-
-
 def _key_value(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -242,18 +231,22 @@ def add_serving_arguments(
     group.add_argument("--revision", help="HF_MODEL_REVISION: hub revision")
     group.add_argument(
         "--num-cores",
-        type=positive_int,
+        type=positive_int_argument,
         help="HF_NUM_CORES: Neuron cores = tensor parallel degree (default: all the instance's)",
     )
     group.add_argument(
         "--auto-cast-type", help="HF_AUTO_CAST_TYPE: bf16, fp16 or fp32 (default: the model's)"
     )
-    group.add_argument("--max-batch-size", type=positive_int, help="MAX_BATCH_SIZE (server: 4)")
     group.add_argument(
-        "--max-input-tokens", type=positive_int, help="MAX_INPUT_TOKENS (server: half the total)"
+        "--max-batch-size", type=positive_int_argument, help="MAX_BATCH_SIZE (server: 4)"
     )
     group.add_argument(
-        "--max-total-tokens", type=positive_int, help="MAX_TOTAL_TOKENS (server: 4096)"
+        "--max-input-tokens",
+        type=positive_int_argument,
+        help="MAX_INPUT_TOKENS (server: half the total)",
+    )
+    group.add_argument(
+        "--max-total-tokens", type=positive_int_argument, help="MAX_TOTAL_TOKENS (server: 4096)"
     )
     group.add_argument(
         "--env",

@@ -177,6 +177,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def positive_int_argument(text: str) -> int:
+    """argparse type for the command-line tools (export, deploy): a whole number above zero."""
+    try:
+        return _positive_int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
 def _bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
-from handler.config import CompiledShape, ConfigError, read_settings
+from handler.config import CompiledShape, ConfigError, positive_int_argument, read_settings
 
 VALID = [
     (
@@ -231,3 +233,13 @@ def test_effective_configuration_logged_once_without_secrets(caplog) -> None:
     assert len(lines) == 1
     assert "max_batch_size=2" in lines[0] and "hf_token=<redacted>" in lines[0]
     assert "hf_secret" not in caplog.text and "k-123" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"), [("0", "must be a positive integer"), ("abc", "must be a whole number")]
+)
+def test_command_line_tools_refuse_what_the_settings_refuse(text: str, message: str) -> None:
+    """The export and deploy tools share the settings' own check for counts."""
+    assert positive_int_argument(" 3 ") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match=f"'{text}': {message}"):
+        positive_int_argument(text)

@@ -22,7 +22,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from handler.config import DEFAULT_BATCH_SIZE, DEFAULT_TOTAL_TOKENS, DTYPE_ALIASES
+from handler.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_TOTAL_TOKENS,
+    DTYPE_ALIASES,
+    positive_int_argument,
+)
 from handler.errors import ConfigError
 from handler.model.neuron_loader import EXPORT, GET_NEURON_CONFIG, load_optimum
 
@@ -39,16 +44,6 @@ def _dtype(text: str) -> str:
     return DTYPE_ALIASES[key]
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m handler.model.neuron_export",
@@ -59,20 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
     parser.add_argument(
         "--batch-size",
-        type=_positive,
+        type=positive_int_argument,
         default=DEFAULT_BATCH_SIZE,
         help=f"static batch size, served as MAX_BATCH_SIZE (default {DEFAULT_BATCH_SIZE})",
     )
     parser.add_argument(
         "--sequence-length",
-        type=_positive,
+        type=positive_int_argument,
         default=DEFAULT_TOTAL_TOKENS,
         help="prompt + generated tokens, served as MAX_TOTAL_TOKENS "
         f"(default {DEFAULT_TOTAL_TOKENS})",
     )
     parser.add_argument(
         "--num-cores",
-        type=_positive,
+        type=positive_int_argument,
         required=True,
         help="Neuron cores = tensor parallel degree, served as HF_NUM_CORES",
     )

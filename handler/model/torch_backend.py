@@ -383,12 +383,27 @@ class TorchBackend:
         prompt_logits: list[torch.Tensor | None] = []
         for pack in _packs([len(ids) for ids in input_ids], PACK_TOKENS):
             hidden = self._prefill_pack([input_ids[i] for i in pack], [seq_ids[i] for i in pack])
-            for i, (start, end) in zip(pack, _bounds([len(input_ids[i]) for i in pack])):
-                last.append(hidden[end - 1])
-                prompt_logits.append(self._logits(hidden[start:end]).cpu() if wanted[i] else None)
+            bounds = _bounds([len(input_ids[i]) for i in pack])
+            pack_last, pack_logits = self._prompt_outputs(hidden, bounds, [wanted[i] for i in pack])
+            last.append(pack_last)
+            prompt_logits += pack_logits
         return PrefillOutput(
-            logits=self._logits(torch.stack(last)).cpu(), prompt_logits=prompt_logits
+            logits=self._logits(torch.cat(last)).cpu(), prompt_logits=prompt_logits
         )
+
+    def _prompt_outputs(
+        self, hidden: torch.Tensor, bounds: list[tuple[int, int]], wanted: list[bool] | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """From packed hidden states `[T, hidden]` and each prompt's `(start, end)`: the last
+        positions' states `[n, hidden]`, and the logits `[length, vocab]` of every position of
+        the prompts whose `wanted` is true (else None)."""
+        wanted = wanted or [False] * len(bounds)
+        last = torch.stack([hidden[end - 1] for _, end in bounds])
+        logits = [
+            self._logits(hidden[start:end]).cpu() if want else None
+            for (start, end), want in zip(bounds, wanted)
+        ]
+        return last, logits
 
     def _prompt_layout(
         self, input_ids: list[list[int]], seq_ids: list[int], offset: int = 0
@@ -426,16 +441,20 @@ class TorchBackend:
         return hidden[0]
 
     def _decode_layout(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_ids: list[int]
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        seq_ids: list[int],
+        masked: bool = False,
     ) -> tuple[_Step, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """The step over the contiguous row range `[lo, hi)` of `seq_ids`, so that the cache is
         read as a view, never gathered. Rows in the range that are not being decoded are
         padding: they write their last position (which any row writes itself before reading it)
         and attend to position 0 only; their outputs are dropped.
 
-        Returns the step (its `decode_mask` set unless every row is at the same position),
-        tokens `[n]`, query positions `[n]`, the index of each of `seq_ids` in the range `[m]`
-        and whether the rows are uniform (dense, same position: no mask needed)."""
+        Returns the step (its `decode_mask` set when `masked`, or when the rows are not all at
+        the same position), tokens `[n]`, query positions `[n]`, the index of each of `seq_ids`
+        in the range `[m]` and whether the rows are uniform (dense, same position)."""
         lo, hi = min(seq_ids), max(seq_ids) + 1
         n = hi - lo
         index = torch.tensor(seq_ids) - lo
@@ -457,7 +476,7 @@ class TorchBackend:
             write_pos=write_pos,
             kv_len=kv_len,
         )
-        if not uniform:
+        if masked or not uniform:
             allowed = self._allowed(query_pos[:, None], kv_len, valid)
             step.decode_mask = self._additive(allowed, self.kv_dtype)
         return step, tokens, query_pos, index.to(self.device), uniform
@@ -500,12 +519,10 @@ class TorchBackend:
         if sum(len(ids) for ids in prompts) > PACK_TOKENS:
             output = self.prefill(prompts, prompt_seq_ids, want_prompt_logits)
             return self.decode(input_ids, position_ids, seq_ids), output
-        step, tokens, query_pos, index, _ = self._decode_layout(input_ids, position_ids, seq_ids)
+        step, tokens, query_pos, index, _ = self._decode_layout(
+            input_ids, position_ids, seq_ids, masked=True
+        )
         n = len(tokens)
-        if step.decode_mask is None:
-            valid = query_pos + 1
-            allowed = self._allowed(query_pos[:, None], step.kv_len, valid)
-            step.decode_mask = self._additive(allowed, self.kv_dtype)
         prompt_tokens, prompt_positions, step.segments, step.prompt_mask = self._prompt_layout(
             prompts, prompt_seq_ids, offset=n
         )
@@ -524,11 +541,7 @@ class TorchBackend:
             )[0]
         finally:
             self.cache.step = _active.step = None
-        wanted = want_prompt_logits or [False] * len(prompts)
-        last = [hidden[start + length - 1] for _, start, length in step.segments]
-        prompt_logits = [
-            self._logits(hidden[start : start + length]).cpu() if wanted[i] else None
-            for i, (_, start, length) in enumerate(step.segments)
-        ]
-        logits = self._logits(torch.cat([hidden[index], torch.stack(last)])).cpu()
+        bounds = [(start, start + length) for _, start, length in step.segments]
+        last, prompt_logits = self._prompt_outputs(hidden, bounds, want_prompt_logits)
+        logits = self._logits(torch.cat([hidden[index], last])).cpu()
         return logits[: len(seq_ids)], PrefillOutput(logits[len(seq_ids) :], prompt_logits)

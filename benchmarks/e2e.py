@@ -18,6 +18,7 @@ Markdown table beside it (`.md`) and the plots (`-throughput.png`, `-latency.png
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import shutil
 import statistics
@@ -200,6 +201,7 @@ def bench_ours(options: Options, batch: int, work: Path) -> dict[str, Any]:
     }
 
 
+@functools.cache
 def runtime_floor_mib() -> float:
     """PSS of a Python process that imported what the server's worker imports (torch,
     `transformers`' modeling code, Flask, gunicorn), before any weights: the part of the server's

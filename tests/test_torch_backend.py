@@ -123,6 +123,47 @@ def test_slot_attention_equals_sdpa_with_grouped_heads() -> None:
     torch.testing.assert_close(got[3, 0], value[3, :, 0].repeat_interleave(3, dim=0))
 
 
+def test_attention_groups_pad_at_most_twice() -> None:
+    lengths = [5, 1, 12, 7, 30, 16, 2]
+    groups = torch_backend._group_lengths(lengths)
+    assert groups == [[4, 5], [2, 3], [0], [6, 1]]
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+    for group in groups:
+        assert all(2 * lengths[i] >= max(lengths[j] for j in group) for i in group)
+    assert torch_backend._group_lengths([]) == []
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_packed_prompts_attend_to_themselves_only(window: int | None) -> None:
+    """The packed attention equals attending to each prompt alone, causally (and within the
+    sliding window): padding inside a group and the other prompts are never seen."""
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3
+    lengths = [5, 1, 12, 7, 30, 16, 2]
+    bounds = torch_backend._bounds(lengths)
+    groups = [
+        torch_backend._prompt_group([bounds[i] for i in g], window, torch.float32, "cpu")
+        for g in torch_backend._group_lengths(lengths)
+    ]
+    step = torch_backend._Step(segments=[(0, s, e - s) for s, e in bounds], groups=groups)
+    generator = torch.Generator().manual_seed(0)
+    total = sum(lengths)
+    query = torch.randn(1, 9, total, 16, generator=generator)
+    key, value = (torch.randn(1, 3, total, 16, generator=generator) for _ in range(2))
+    got = torch_backend._packed_attention(module, query, key, value, step, scaling=0.25)
+    assert got.shape == (1, total, 9, 16)
+    for start, end in bounds:
+        q = query[0, :, start:end].double()
+        k, v = (t[0, :, start:end].double().repeat_interleave(3, dim=0) for t in (key, value))
+        pos = torch.arange(end - start)
+        allowed = pos[None, :] <= pos[:, None]
+        if window is not None:
+            allowed &= pos[None, :] > pos[:, None] - window
+        scores = (q @ k.transpose(1, 2) * 0.25).masked_fill(~allowed, float("-inf"))
+        want = (scores.softmax(-1) @ v).transpose(0, 1)  # [length, heads, head_dim]
+        torch.testing.assert_close(got[0, start:end].double(), want, atol=1e-5, rtol=1e-5)
+
+
 def test_a_mixed_step_decodes_and_prefills_in_one_forward(reference_model, tokenizer) -> None:
     """Rows 3, 0, 2 decode while a prompt joins row 1 in the same forward; every row then
     continues as `generate` does alone."""

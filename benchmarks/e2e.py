@@ -47,7 +47,13 @@ from benchmarks.load import (
     run_level,
 )
 from benchmarks.machine import machine
-from benchmarks.monitor import GroupMonitor, Quiet, group_processes, wait_for_quiet
+from benchmarks.monitor import (
+    GroupMonitor,
+    Quiet,
+    group_processes,
+    leader_pss_mib,
+    wait_for_quiet,
+)
 from benchmarks.peer import default_venv, ensure_venv, start_peer
 from benchmarks.servers import ServerProcess, start_ours
 
@@ -175,6 +181,7 @@ def bench_ours(options: Options, batch: int, work: Path) -> dict[str, Any]:
             lambda quiet: run_arrivals(client, rate, count, monitor=monitor, quiet=quiet),
         )
         progress(f"{name}: arrivals: ITL p90 {arrivals.itl_p90_ms or 0:.1f} ms")
+        master_mib, workers_mib = leader_pss_mib(server.pgid)
     runs = [*levels, arrivals]
     memory = reporting.model_memory(options.model_dir, info["dtype"], info.get("kv_cache_dtype"))
     return {
@@ -197,6 +204,8 @@ def bench_ours(options: Options, batch: int, work: Path) -> dict[str, Any]:
             "weights_mib": memory.weights_mib,
             "kv_cache_mib": memory.kv_cache_mib(batch, options.max_total_tokens),
             "runtime_mib": runtime_floor_mib(),
+            "master_pss_mib": master_mib,
+            "worker_pss_mib": workers_mib,
         },
     }
 

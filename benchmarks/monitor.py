@@ -35,6 +35,23 @@ def group_processes(pgid: int) -> list[psutil.Process]:
     return members
 
 
+def leader_pss_mib(pgid: int) -> tuple[float, float]:
+    """PSS now of the group's leader (the process started, e.g. gunicorn's master) and of the
+    rest of the group (its workers), MiB."""
+    leader = rest = 0
+    for process in group_processes(pgid):
+        try:
+            memory = process.memory_full_info()
+        except psutil.Error:
+            continue
+        pss = getattr(memory, "pss", memory.rss)
+        if process.pid == pgid:
+            leader += pss
+        else:
+            rest += pss
+    return leader / MIB, rest / MIB
+
+
 def _cpu_seconds(processes: Iterable[psutil.Process]) -> dict[int, float]:
     seconds = {}
     for process in processes:

@@ -194,7 +194,9 @@ def targets(report: dict[str, Any]) -> list[Target]:
                 f"{_num(memory and memory['kv_cache_mib'])} MiB "
                 f"({memory and memory.get('kv_cache_dtype', memory['dtype'])}); "
                 f"Python + torch + transformers + server imported, no model: "
-                f"{_num(memory and memory.get('runtime_mib'))} MiB; summed RSS "
+                f"{_num(memory and memory.get('runtime_mib'))} MiB; at the end, gunicorn's "
+                f"master {_num(memory and memory.get('master_pss_mib'))} MiB and its worker "
+                f"{_num(memory and memory.get('worker_pss_mib'))} MiB; summed RSS "
                 f"{_num(ours.get('peak_rss_mib'))} MiB",
             )
         )

@@ -194,6 +194,31 @@ class Ceiling:
         return next((p for p in self.points if p.batch_size == batch), None)
 
 
+class BareReference:
+    """The bare loop loaded once, to be measured right beside our server's runs: on 2 shared
+    cores the same bare loop reads up to 25% apart a minute later, so a target compares our
+    measurement with the bare one taken just before it (see `benchmarks.e2e`)."""
+
+    def __init__(
+        self, model_dir: str, prompts: Sequence[str], new_tokens: int, repeats: int, dtype: str
+    ) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.prompt_ids = [tokenizer(p).input_ids for p in prompts]
+        self.prompt_tokens = round(statistics.mean(len(ids) for ids in self.prompt_ids))
+        self.new_tokens = new_tokens
+        self.repeats = repeats
+        self.model = load_bare_model(model_dir, getattr(torch, dtype))
+
+    def point(self, batch: int) -> CeilingPoint:
+        return measure_point(self.model, batch, self.prompt_tokens, self.new_tokens, self.repeats)
+
+    def prefill_p50_ms(self) -> float:
+        """Median over the prompts of their bare prefill alone (best of `repeats` each)."""
+        return statistics.median(
+            bare_prefill_s(self.model, ids, self.repeats) * 1e3 for ids in self.prompt_ids
+        )
+
+
 def measure_ceiling(
     model_dir: str,
     prompts: Sequence[str],

@@ -10,6 +10,10 @@
 3. The peer: the SageMaker Hugging Face inference toolkit with MMS, one worker, over
    POST `/invocations` (`benchmarks.peer`), the same levels.
 
+The targets that compare our server with the bare loop (1, 3, 4) pair each of our measurements
+with the bare loop measured in this process just before it (`paired_runs`): on 2 shared cores
+the machine's speed drifts by up to 25% within a minute, more than the margins being checked.
+
 Before each measurement the run waits (up to `--quiet-timeout` s) until processes that are not ours
 use less than `--quiet-cores` CPU cores, and records what it saw. Writes `--out` (JSON), the
 Markdown table beside it (`.md`) and the plots (`-throughput.png`, `-latency.png`).
@@ -36,7 +40,7 @@ import requests
 from transformers import AutoTokenizer
 
 from benchmarks import report as reporting
-from benchmarks.ceiling import measure_ceiling
+from benchmarks.ceiling import BareReference, measure_ceiling
 from benchmarks.load import (
     PROMPTS,
     Client,
@@ -77,6 +81,8 @@ class Options:
     arrival_requests_per_slot: int
     """Requests of the arrivals run per slot of the server's batch."""
     ceiling_repeats: int
+    pairs: int
+    """Paired measurements per server for targets 1, 3 and 4 (see `paired_runs`)."""
     dtype: str | None
     """Our server's and the ceiling's dtype; None: the server's default."""
     quiet_cores: float
@@ -153,6 +159,58 @@ def run_levels(
     return results
 
 
+def paired_runs(
+    options: Options,
+    client: Client,
+    server: ServerProcess,
+    monitor: GroupMonitor,
+    name: str,
+    batch: int,
+    reference: BareReference,
+) -> list[dict[str, float | None]]:
+    """`options.pairs` times: the bare prefill of the prompts, then our level of 1 client
+    (target 3); the bare loop at `batch`, then our level of `batch` clients (target 1). Each
+    bare measurement runs in this process while the server idles, seconds before ours, so that
+    both see the same machine; the targets take the median pair."""
+    pairs = []
+    warmup = max(options.warmup_rounds, -(-WARMUP_REQUESTS // batch))
+    for i in range(options.pairs):
+        prefill_ms = reference.prefill_p50_ms()
+        alone = measure(
+            options,
+            server,
+            f"{name}: pair {i + 1}: 1 client (bare prefill p50 just before: {prefill_ms:.1f} ms)",
+            lambda quiet: run_level(
+                client, 1, options.rounds, WARMUP_REQUESTS, monitor=monitor, quiet=quiet
+            ),
+        )
+        point = reference.point(batch)
+        full = measure(
+            options,
+            server,
+            f"{name}: pair {i + 1}: {batch} clients (bare loop just before: "
+            f"{point.tok_s:.1f} tok/s)",
+            lambda quiet: run_level(
+                client, batch, options.rounds, warmup, monitor=monitor, quiet=quiet
+            ),
+        )
+        progress(
+            f"{name}: pair {i + 1}: TTFT p50 {alone.ttft_p50_ms or 0:.1f} ms, "
+            f"{full.tok_s:.1f} tok/s ({full.tok_s / point.tok_s:.2f}x the bare loop)"
+        )
+        pairs.append(
+            {
+                "bare_prefill_p50_ms": prefill_ms,
+                "ttft_p50_ms": alone.ttft_p50_ms,
+                "ceiling_tok_s": point.tok_s,
+                "ceiling_step_ms": point.step_ms,
+                "tok_s": full.tok_s,
+                "errors": alone.errors + full.errors,
+            }
+        )
+    return pairs
+
+
 def arrival_rate(options: Options, batch: int, levels: Sequence[LoadResult]) -> float:
     """The given rate, else `arrival_load` x the requests/s measured with C = `batch` clients
     (or the largest level below it)."""
@@ -172,15 +230,29 @@ def bench_ours(options: Options, batch: int, work: Path) -> dict[str, Any]:
         info = requests.get(f"{server.url}/info", timeout=10).json()
         client = TgiStream(server.url, options.max_new_tokens)
         levels = run_levels(options, client, server, monitor, name)
+        reference = BareReference(
+            options.model_dir,
+            PROMPTS,
+            options.max_new_tokens,
+            options.ceiling_repeats,
+            info["dtype"],
+        )
+        pairs = paired_runs(options, client, server, monitor, name, batch, reference)
         rate = arrival_rate(options, batch, levels)
         count = options.arrival_requests_per_slot * batch
+        arrivals_step_ms = reference.point(batch).step_ms
         arrivals = measure(
             options,
             server,
             f"{name}: {count} requests arriving at {rate:.2f}/s",
             lambda quiet: run_arrivals(client, rate, count, monitor=monitor, quiet=quiet),
         )
-        progress(f"{name}: arrivals: ITL p90 {arrivals.itl_p90_ms or 0:.1f} ms")
+        progress(
+            f"{name}: arrivals: ITL p90 {arrivals.itl_p90_ms or 0:.1f} ms "
+            f"(bare step just before: {arrivals_step_ms:.1f} ms)"
+        )
+        del reference
+        gc.collect()
         master_mib, workers_mib = leader_pss_mib(server.pgid)
     runs = [*levels, arrivals]
     memory = reporting.model_memory(options.model_dir, info["dtype"], info.get("kv_cache_dtype"))
@@ -195,6 +267,8 @@ def bench_ours(options: Options, batch: int, work: Path) -> dict[str, Any]:
         },
         "levels": [r.as_dict() for r in levels],
         "arrivals": arrivals.as_dict(),
+        "arrivals_bare_step_ms": arrivals_step_ms,
+        "pairs": pairs,
         "peak_rss_mib": max(r.server.peak_rss_mib for r in runs if r.server),
         "peak_pss_mib": max(r.server.peak_pss_mib for r in runs if r.server),
         "memory": {
@@ -331,6 +405,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, Path, Path | None]:
         "--arrival-requests-per-slot", type=_positive, default=None, help="default 4"
     )
     parser.add_argument("--ceiling-repeats", type=_positive, default=None, help="default 2")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help="paired bare/ours measurements per server for targets 1 and 3; default 3",
+    )
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (server default otherwise)")
     parser.add_argument("--quiet-cores", type=float, default=0.15)
     parser.add_argument("--quiet-timeout", type=float, default=None, help="default 120 s")
@@ -372,6 +452,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, Path, Path | None]:
         arrival_load=args.arrival_load,
         arrival_requests_per_slot=pick(args.arrival_requests_per_slot, 4, 1),
         ceiling_repeats=pick(args.ceiling_repeats, 2, 1),
+        pairs=pick(args.pairs, 3, 1),
         dtype=args.dtype,
         quiet_cores=args.quiet_cores,
         quiet_timeout_s=pick(args.quiet_timeout, 120.0, 10.0),

@@ -212,11 +212,13 @@ class BareReference:
     def point(self, batch: int) -> CeilingPoint:
         return measure_point(self.model, batch, self.prompt_tokens, self.new_tokens, self.repeats)
 
+    def prefill_ms(self) -> list[float]:
+        """Each prompt's bare prefill alone (best of `repeats`), in prompt order."""
+        return [bare_prefill_s(self.model, ids, self.repeats) * 1e3 for ids in self.prompt_ids]
+
     def prefill_p50_ms(self) -> float:
-        """Median over the prompts of their bare prefill alone (best of `repeats` each)."""
-        return statistics.median(
-            bare_prefill_s(self.model, ids, self.repeats) * 1e3 for ids in self.prompt_ids
-        )
+        """Median over the prompts of their bare prefill alone."""
+        return statistics.median(self.prefill_ms())
 
 
 def measure_ceiling(
@@ -229,13 +231,10 @@ def measure_ceiling(
 ) -> Ceiling:
     """The ceiling for `prompts` (their mean token length) at each batch size, and their bare
     prefill times. Tokenized as our server and the peer do (`add_special_tokens=True`)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt_ids = [tokenizer(p).input_ids for p in prompts]
-    prompt_tokens = round(statistics.mean(len(ids) for ids in prompt_ids))
-    model = load_bare_model(model_dir, getattr(torch, dtype))
+    reference = BareReference(model_dir, prompts, new_tokens, repeats, dtype)
     others = OthersCpu()
-    points = [measure_point(model, b, prompt_tokens, new_tokens, repeats) for b in batch_sizes]
-    prefill = [bare_prefill_s(model, ids, repeats) * 1e3 for ids in prompt_ids]
+    points = [reference.point(b) for b in batch_sizes]
+    prefill = reference.prefill_ms()
     return Ceiling(dtype, points, prefill, statistics.median(prefill), others.cores())
 
 

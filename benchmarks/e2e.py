@@ -136,13 +136,18 @@ def measure(
     return best
 
 
+def warmup_rounds(options: Options, level: int) -> int:
+    """Unmeasured requests per client: at least WARMUP_REQUESTS per level, whatever the client
+    count."""
+    return max(options.warmup_rounds, -(-WARMUP_REQUESTS // level))
+
+
 def run_levels(
     options: Options, client: Client, server: ServerProcess, monitor: GroupMonitor, name: str
 ) -> list[LoadResult]:
     results = []
     for level in options.levels:
-        # At least WARMUP_REQUESTS unmeasured requests per level, whatever the client count.
-        warmup = max(options.warmup_rounds, -(-WARMUP_REQUESTS // level))
+        warmup = warmup_rounds(options, level)
         result = measure(
             options,
             server,
@@ -173,7 +178,6 @@ def paired_runs(
     bare measurement runs in this process while the server idles, seconds before ours, so that
     both see the same machine; the targets take the median pair."""
     pairs = []
-    warmup = max(options.warmup_rounds, -(-WARMUP_REQUESTS // batch))
     for i in range(options.pairs):
         prefill_ms = reference.prefill_p50_ms()
         alone = measure(
@@ -181,7 +185,7 @@ def paired_runs(
             server,
             f"{name}: pair {i + 1}: 1 client (bare prefill p50 just before: {prefill_ms:.1f} ms)",
             lambda quiet: run_level(
-                client, 1, options.rounds, WARMUP_REQUESTS, monitor=monitor, quiet=quiet
+                client, 1, options.rounds, warmup_rounds(options, 1), monitor=monitor, quiet=quiet
             ),
         )
         point = reference.point(batch)
@@ -191,7 +195,12 @@ def paired_runs(
             f"{name}: pair {i + 1}: {batch} clients (bare loop just before: "
             f"{point.tok_s:.1f} tok/s)",
             lambda quiet: run_level(
-                client, batch, options.rounds, warmup, monitor=monitor, quiet=quiet
+                client,
+                batch,
+                options.rounds,
+                warmup_rounds(options, batch),
+                monitor=monitor,
+                quiet=quiet,
             ),
         )
         progress(

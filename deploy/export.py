@@ -64,8 +64,10 @@ def export_command(
     auto_cast_type: str | None = None,
     revision: str | None = None,
     instance_family: str | None = None,
+    on_device_sampling: bool | None = None,
 ) -> list[str]:
-    """The exporter's command line, in the server's own form (`neuron_loader._export_command`)."""
+    """The exporter's command line, in the server's own form (`neuron_loader._export_command`).
+    `on_device_sampling` None keeps optimum-neuron's choice for the architecture."""
     command = [sys.executable, "-m", "handler.model.neuron_export", "--model-id", model_id]
     if revision:
         command += ["--revision", revision]
@@ -81,6 +83,8 @@ def export_command(
         command += ["--auto-cast-type", auto_cast_type]
     if instance_family:
         command += ["--instance-type", instance_family]
+    if on_device_sampling is not None:
+        command += ["--on-device-sampling", str(on_device_sampling).lower()]
     return [*command, "--output", str(output)]
 
 
@@ -215,6 +219,14 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_TOTAL_TOKENS,
         help=f"MAX_TOTAL_TOKENS, the compiled sequence length (default {DEFAULT_TOTAL_TOKENS})",
     )
+    parser.add_argument(
+        "--on-device-sampling",
+        choices=("true", "false"),
+        help="true: tokens are chosen on the device (temperature, top_k and top_p only); false: "
+        "on the host, so that seeds, penalties, typical_p and log-probabilities work, at the "
+        "cost of moving [batch, vocab] logits off the device each step. Default: optimum-"
+        "neuron's choice for the architecture (Llama: true)",
+    )
     parser.add_argument("--output", required=True, type=Path, help="export directory (new)")
     parser.add_argument(
         "--skip-export", action="store_true", help="upload an existing export in --output"
@@ -276,6 +288,9 @@ def main(argv: Sequence[str] | None = None, *, log: Log = print) -> int:
                 auto_cast_type=serving_env.get("HF_AUTO_CAST_TYPE"),
                 revision=args.revision,
                 instance_family=family,
+                on_device_sampling=(
+                    None if args.on_device_sampling is None else args.on_device_sampling == "true"
+                ),
             )
             log(f"Exporting: {shlex.join(command)}")
             run_export(command, output)

@@ -50,6 +50,7 @@ class CompiledShape:
     sequence_length: int
     num_cores: int | None = None
     auto_cast_type: str | None = None
+    on_device_sampling: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,16 @@ class Settings:
     """MMS worker processes (`SAGEMAKER_MODEL_SERVER_WORKERS`): with `SERVING_STACK=mms` only 1,
     since each worker is a process that would load its own copy of the model (and on Neuron
     claim its own cores). Ignored by gunicorn, which always runs one worker."""
-    messages_api_enabled: bool = True
-    """Accepted for deploy snippets; the chat routes are always on."""
+    model_server_timeout: int = 60
+    """`SAGEMAKER_MODEL_SERVER_TIMEOUT`: the toolkit writes it as MMS's `default_response_timeout`,
+    which MMS 1.1 counts in minutes (default 60): how long MMS waits for each reply of its worker,
+    the model load included, before it restarts the worker."""
+    model_server_timeout_seconds: int | None = None
+    """`SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS`: the same limit in seconds; wins when set."""
+    messages_api_enabled: bool = False
+    """`MESSAGES_API_ENABLED`, as in TGI: `/invocations` takes chat completion bodies only.
+    Off, it takes generate, chat and completion bodies, told apart by their fields. The chat
+    routes are always on."""
     trust_remote_code: bool = False
     api_key: str | None = field(default=None, repr=False)
     """When set, every route but health checks needs `Authorization: Bearer <key>`."""
@@ -122,6 +131,11 @@ class Settings:
     compile_on_start: bool = False
     """Allow a Neuron export with no hub-cached artifacts at start-up (`--compile-on-start`,
     `NEURON_COMPILE_ON_START`). Off: such a compile can outlast the health-check window."""
+    on_device_sampling: bool | None = None
+    """Compile a Neuron export that chooses tokens on the device (`--on-device-sampling`,
+    `NEURON_ON_DEVICE_SAMPLING`, true or false); None: what optimum-neuron picks for the
+    architecture (Llama: on). Off, the host samples: seeds, penalties, typical_p and
+    log-probabilities work, and `[batch, vocab]` logits leave the device at every step."""
     neuron_rt_num_cores: int | None = None
     """`NEURON_RT_NUM_CORES`: how many Neuron cores the runtime may take."""
     neuron_rt_visible_cores: str | None = None
@@ -130,6 +144,13 @@ class Settings:
     """Where exported Neuron models are saved and found again (`--export-cache`,
     `NEURON_EXPORT_CACHE`); default `neuron-exports` under the hub cache (`/data` in the image)."""
     """Seconds running generations get to finish after SIGTERM; SageMaker kills at 30 s."""
+
+    def mms_response_timeout(self) -> float:
+        """Seconds MMS waits for any reply of its worker (the load included) before it restarts
+        it: `model_server_timeout_seconds`, else `model_server_timeout` minutes."""
+        if self.model_server_timeout_seconds:
+            return float(self.model_server_timeout_seconds)
+        return 60.0 * self.model_server_timeout
 
     def describe(self) -> dict[str, Any]:
         """All fields, secrets redacted: what start-up logs."""
@@ -301,6 +322,13 @@ OPTIONS = (
     _Option("port", ("--port",), ("SAGEMAKER_BIND_TO_PORT", "PORT"), _port, fallback=True),
     _Option("serving_stack", (), ("SERVING_STACK",), _choice(SERVING_STACKS)),
     _Option("model_server_workers", (), ("SAGEMAKER_MODEL_SERVER_WORKERS",), _positive_int),
+    _Option("model_server_timeout", (), ("SAGEMAKER_MODEL_SERVER_TIMEOUT",), _positive_int),
+    _Option(
+        "model_server_timeout_seconds",
+        (),
+        ("SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS",),
+        _positive_int,
+    ),
     _Option("messages_api_enabled", (), ("MESSAGES_API_ENABLED",), _bool),
     _Option(
         "trust_remote_code",
@@ -321,6 +349,7 @@ OPTIONS = (
     _Option("shutdown_grace", ("--shutdown-grace",), ("SHUTDOWN_GRACE_SECONDS",), _seconds),
     _Option("compile_on_start", ("--compile-on-start",), ("NEURON_COMPILE_ON_START",), _bool),
     _Option("export_cache", ("--export-cache",), ("NEURON_EXPORT_CACHE",)),
+    _Option("on_device_sampling", ("--on-device-sampling",), ("NEURON_ON_DEVICE_SAMPLING",), _bool),
     _Option("neuron_rt_num_cores", (), ("NEURON_RT_NUM_CORES",), _positive_int),
     _Option("neuron_rt_visible_cores", (), ("NEURON_RT_VISIBLE_CORES",)),
 )
@@ -453,6 +482,7 @@ def _derive(
             ("max_total_tokens", compiled.sequence_length, "sequence length", "<="),
             ("num_cores", compiled.num_cores, "number of cores", "=="),
             ("auto_cast_type", compiled.auto_cast_type, "dtype", "=="),
+            ("on_device_sampling", compiled.on_device_sampling, "on-device sampling", "=="),
         )
         for name, compiled_value, what, relation in pairs:
             if compiled_value is None:

@@ -153,13 +153,17 @@ def build_neuron_engine(
     cores = neuron_loader.available_cores(
         settings.neuron_rt_num_cores, settings.neuron_rt_visible_cores
     )
-    # A hub model is exported from its id (the export keeps a reference, not a copy).
-    source = model.model_id if model.revision is not None else model.path
+    # An exported model is loaded from the snapshot `resolve_model` fetched: optimum-neuron's
+    # `load_weights` looks for pre-sharded weights (`checkpoint/`) in a local directory only, and
+    # for a hub id without `checkpoint_id` raises "Checkpoint file not found". A standard hub
+    # model is exported from its id (the export keeps a reference to its weights, not a copy).
+    from_hub = model.revision is not None and not (model.path / "neuron_config.json").is_file()
+    source = model.model_id if from_hub else model.path
     report("compiling")
     prepared = neuron_loader.prepare_neuron_model(
         settings,
         source,
-        model.revision,
+        model.revision if from_hub else None,
         cores_available=cores,
         environ=environ,
         visible_cores_spec=settings.neuron_rt_visible_cores,

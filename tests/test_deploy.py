@@ -715,6 +715,27 @@ def test_export_then_upload_model_tar_gz_to_s3(tmp_path, monkeypatch) -> None:
     assert plan_status == 0
 
 
+@pytest.mark.parametrize("value", ["false", "true"])
+def test_export_passes_the_on_device_sampling_switch(tmp_path, monkeypatch, value: str) -> None:
+    """`--on-device-sampling false` exports with host sampling (seeds, penalties, log-
+    probabilities); the server's exporter takes the switch as given."""
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(export_cli.subprocess, "run", fake_exporter(calls))
+    base = ["--model-id", MODEL, "--instance-type", "ml.inf2.xlarge", "--output"]
+
+    status = export_cli.main([*base, str(tmp_path / "out"), "--on-device-sampling", value])
+
+    assert status == 0
+    (call,) = calls
+    command = call["command"]
+    assert command[command.index("--on-device-sampling") + 1] == value
+    parsed = neuron_export.build_parser().parse_args(command[3:])
+    assert parsed.on_device_sampling is (value == "true")
+    calls.clear()
+    assert export_cli.main([*base, str(tmp_path / "default")]) == 0
+    assert "--on-device-sampling" not in calls[0]["command"]  # optimum-neuron's choice
+
+
 def test_deploy_command_printed_by_export_matches_the_export(tmp_path, monkeypatch, capsys):
     """The hand-off above, checked on the printed plan: the compiled shapes, /opt/ml/model."""
     monkeypatch.setattr(export_cli.subprocess, "run", fake_exporter([]))

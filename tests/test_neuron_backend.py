@@ -21,6 +21,7 @@ from handler.testing.fake_neuron import (
     TOKEN_GENERATION,
     FakeNeuronModel,
     ForwardContractError,
+    device_sample,
 )
 from tests.conftest import PROMPTS, reference_greedy
 
@@ -208,7 +209,7 @@ def test_fake_refuses_what_the_compiled_model_would_not_take(torch_model: PreTra
         kwargs.update(changes)
         return fake(kwargs.pop("input_ids", ids), **kwargs)
 
-    assert call().shape == (2,)  # token ids
+    assert call().shape == (2,) and call().dtype == torch.int32  # token ids, as on the device
     with pytest.raises(ForwardContractError, match="sorted by seq_id"):
         call(seq_ids=torch.tensor([2, 0]))
     with pytest.raises(ForwardContractError, match="sampling_params"):
@@ -223,3 +224,71 @@ def test_fake_refuses_what_the_compiled_model_would_not_take(torch_model: PreTra
         call(seq_ids=torch.tensor([1, 3]), position_ids=torch.tensor([[0, 0, 0, 0], [0, 1, 2, 3]]))
     with pytest.raises(ForwardContractError, match="no compiled graph"):
         call(seq_ids=torch.tensor([1, 3]), position_ids=positions + 5)
+
+
+@pytest.mark.parametrize("tie_break", ["first", "last"])
+def test_one_token_prompt_whichever_equal_position_the_device_answers_from(
+    torch_model: PreTrainedModel, reference_model, tie_break: str
+) -> None:
+    """A one-token prompt has every position 0: the device's `torch.max` may answer from any
+    index. The padding repeats the prompt's token, so every index gives the prompt's answer."""
+    fake = FakeNeuronModel(torch_model, 2, 48, tie_break=tie_break)
+    backend = NeuronBackend(fake)
+    for token in (1, 504):
+        output = backend.prefill([[token]], [1])
+        torch.testing.assert_close(
+            output.logits[0], reference_last_logits(reference_model, [token]), atol=1e-3, rtol=0
+        )
+        following = int(output.logits[0].argmax())
+        logits = backend.decode(torch.tensor([following]), torch.tensor([1]), [1])
+        torch.testing.assert_close(
+            logits[0],
+            reference_last_logits(reference_model, [token, following]),
+            atol=1e-3,
+            rtol=0,
+        )
+
+
+def test_host_sampling_logits_are_padded_to_a_multiple_of_tp_degree(
+    torch_model: PreTrainedModel, reference_model, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """The compiled lm_head pads the vocabulary to a multiple of tp_degree and writes the
+    float32 minimum there; the backend returns the model's vocabulary only."""
+    fake = FakeNeuronModel(torch_model, 2, 32, tp_degree=5)  # 49152 -> 49155
+    ids = tokenizer(PROMPTS[0]).input_ids
+    raw = fake(
+        torch.tensor([ids + [ids[0]] * (32 - len(ids))]),
+        position_ids=torch.tensor([[*range(len(ids)), *[0] * (32 - len(ids))]]),
+        seq_ids=torch.tensor([0]),
+        sampling_params=torch.ones(1, 3),
+    )
+    assert raw.shape == (1, 1, 49155) and raw.dtype == torch.float32
+    assert bool((raw[0, 0, 49152:] == torch.finfo(torch.float32).min).all())
+    backend = NeuronBackend(FakeNeuronModel(torch_model, 2, 32, tp_degree=5))
+    logits = backend.prefill([ids], [0]).logits
+    assert logits.shape == (1, 49152)
+    torch.testing.assert_close(
+        logits[0], reference_last_logits(reference_model, ids), atol=1e-3, rtol=0
+    )
+
+
+def test_context_encoding_writes_the_whole_padded_slab(torch_model: PreTrainedModel) -> None:
+    """As the KV cache manager does (`dynamic_update_slice` of `max_context_length`
+    positions): the positions after the prompt hold the padding's states, which decode must
+    overwrite before it reads them."""
+    fake = FakeNeuronModel(torch_model, 2, 40, max_context_length=24)
+    NeuronBackend(fake).prefill([[1, 504, 2390]], [1])
+    keys = fake.rows.cache.keys[0]
+    assert bool((keys[1, :, :24] != 0).any(dim=-1).all())  # every slab position written
+    assert bool((keys[1, :, 24:] == 0).all()) and bool((keys[0] == 0).all())
+
+
+def test_on_device_sampler_takes_the_argmax_for_top_k_1_and_stays_in_top_k() -> None:
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1))
+    params = torch.tensor([[1.0, 1.0, 1.0], [5.0, 0.9, 0.7], [1.0, 1.0, 0.3], [3.0, 1.0, 2.0]])
+    for seed in range(20):
+        uniform = torch.rand((4, 1), generator=torch.Generator().manual_seed(seed))
+        ids = device_sample(logits, params, 50, uniform)
+        assert ids[0] == logits[0].argmax() and ids[2] == logits[2].argmax()
+        assert int(ids[1]) in logits[1].topk(5).indices.tolist()
+        assert int(ids[3]) in logits[3].topk(3).indices.tolist()

@@ -4,24 +4,44 @@ The wheel of the version `requirements-neuron.txt` pins is downloaded once (`pip
 in pytest's cache directory) and parsed with `ast`. Each entry of `neuron_loader.CONTRACT` must
 resolve, through `from ... import` re-exports and optimum's lazy `_import_structure`, to a
 function or class, its methods through base classes, with every keyword argument we pass and
-every attribute we read. Without network or package index, the tests are skipped.
+every attribute we read. Without network or package index, the tests are skipped, unless
+`REQUIRE_NEURON_WHEEL=1` (set by `.ci/run`, where the index is reachable): then they fail.
+
+It also checks the fakes against the wheel: `FakeNeuronModel.forward` takes the parameters of
+`NxDModelForCausalLM.forward`, pads with the constants of `decoder_wrappers.py`, and its
+on-device sampler chooses the tokens the wheel's own `Sampler` (run on the CPU) chooses.
 """
 
 from __future__ import annotations
 
 import ast
+import inspect
+import logging
+import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from email.parser import Parser
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+import torch
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from handler.model.neuron_loader import CONTRACT, OPTIMUM_NEURON_PIN, ContractEntry
+from handler.testing.fake_neuron import (
+    CONTEXT_POSITION_PAD,
+    DEFAULT_PAD_TOKEN_ID,
+    IGNORED_LOGIT,
+    FakeNeuronModel,
+    device_sample,
+    padded_vocab,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NETWORK_FAILURES = (
@@ -55,6 +75,47 @@ def pinned_version() -> str:
     )
 
 
+REQUIRE_WHEEL = "REQUIRE_NEURON_WHEEL"
+"""Set to 1 where the package index must be reachable (`.ci/run` does): a failed download of the
+wheel then fails these tests instead of skipping them."""
+
+
+def wheel_required(environ: Mapping[str, str]) -> bool:
+    return environ.get(REQUIRE_WHEEL, "").strip().lower() in ("1", "true", "yes")
+
+
+def download_wheel(version: str, directory: Path, *, required: bool) -> Path:
+    """The optimum-neuron wheel of `version` in `directory`, downloaded with pip if missing.
+
+    Without a package index the calling test is skipped, or failed when `required`.
+    """
+    found = sorted(directory.glob(f"optimum_neuron-{version}-*.whl"))
+    if found:
+        return found[0]
+    give_up = pytest.fail if required else pytest.skip
+    why = f" ({REQUIRE_WHEEL} is set: the index must be reachable here)" if required else ""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    command += ["--retries", "1", "--timeout", "10", "--disable-pip-version-check"]
+    command += [f"optimum-neuron=={version}", "-d", str(directory)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        give_up(
+            f"pip download optimum-neuron=={version} timed out: no package index reachable{why}"
+        )
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        if any(failure in output for failure in NETWORK_FAILURES):
+            give_up(
+                f"cannot download optimum-neuron=={version} (no network or package index){why}: "
+                + output.strip().splitlines()[-1]
+            )
+        pytest.fail(f"pip download optimum-neuron=={version} failed:\n{output}")
+    found = sorted(directory.glob(f"optimum_neuron-{version}-*.whl"))
+    assert found, f"pip download wrote no wheel to {directory}:\n{output}"
+    return found[0]
+
+
 @pytest.fixture(scope="session")
 def wheel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     version = pinned_version()
@@ -64,27 +125,7 @@ def wheel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         if cache is not None
         else tmp_path_factory.mktemp("optimum-neuron")
     )
-    found = sorted(directory.glob(f"optimum_neuron-{version}-*.whl"))
-    if found:
-        return found[0]
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    command += ["--retries", "1", "--timeout", "10", "--disable-pip-version-check"]
-    command += [f"optimum-neuron=={version}", "-d", str(directory)]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"pip download optimum-neuron=={version} timed out: no package index reachable")
-    output = result.stdout + result.stderr
-    if result.returncode != 0:
-        if any(failure in output for failure in NETWORK_FAILURES):
-            pytest.skip(
-                f"cannot download optimum-neuron=={version} (no network or package index): "
-                + output.strip().splitlines()[-1]
-            )
-        pytest.fail(f"pip download optimum-neuron=={version} failed:\n{output}")
-    found = sorted(directory.glob(f"optimum_neuron-{version}-*.whl"))
-    assert found, f"pip download wrote no wheel to {directory}:\n{output}"
-    return found[0]
+    return download_wheel(version, directory, required=wheel_required(os.environ))
 
 
 @dataclass
@@ -333,3 +374,154 @@ def test_pins_satisfy_what_optimum_neuron_requires(wheel_metadata: dict[str, lis
         if not satisfied:
             problems.append(f"optimum-neuron needs {requirement}, we pin {pin}")
     assert problems == []
+
+
+# --- REQUIRE_NEURON_WHEEL ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("required", "outcome"), [(True, pytest.fail.Exception), (False, pytest.skip.Exception)]
+)
+def test_an_unreachable_index_fails_where_it_is_required(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, required: bool, outcome: type
+) -> None:
+    def offline(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(
+            command,
+            1,
+            "",
+            "ERROR: Could not find a version that satisfies the requirement "
+            "optimum-neuron==0.4.5 (from versions: none)\n",
+        )
+
+    monkeypatch.setattr(subprocess, "run", offline)
+
+    with pytest.raises(outcome) as raised:
+        download_wheel(OPTIMUM_NEURON_PIN, tmp_path, required=required)
+
+    assert ("REQUIRE_NEURON_WHEEL is set" in str(raised.value)) is required
+
+
+def test_the_ci_entry_point_requires_the_wheel() -> None:
+    assert wheel_required({"REQUIRE_NEURON_WHEEL": "1"})
+    assert not wheel_required({})
+    assert "export REQUIRE_NEURON_WHEEL=1" in (ROOT / ".ci" / "run").read_text()
+
+
+# --- the fakes against the wheel -----------------------------------------------------------------
+
+DECODER = "optimum.neuron.models.inference.backend.modules.decoder"
+SAMPLING = "optimum.neuron.models.inference.backend.modules.generation.sampling"
+
+
+def _function(index: SourceIndex, module: str, name: str) -> ast.FunctionDef:
+    found = index.resolve(ContractEntry(module, name))
+    assert found is not None and isinstance(found.node, ast.FunctionDef), f"{module}.{name}"
+    return found.node
+
+
+def test_fake_forward_takes_the_parameters_of_the_compiled_model(index: SourceIndex) -> None:
+    real = _function(index, f"{DECODER}.modeling_decoder", "NxDModelForCausalLM.forward").args
+    names = [a.arg for a in real.posonlyargs + real.args]
+    defaults = [ast.literal_eval(d) for d in real.defaults]
+    fake = inspect.signature(FakeNeuronModel.forward).parameters
+    assert list(fake) == names
+    assert [p.default for p in list(fake.values())[len(names) - len(defaults) :]] == defaults
+
+
+def test_fake_pads_context_encoding_with_the_runtimes_constants(index: SourceIndex) -> None:
+    """`NxDDecoderWrapperForCausalLM.forward` pads input_ids with `config.pad_token_id` (0
+    when the config has none, in `__init__`) and position_ids with a constant."""
+    wrapper = f"{DECODER}.decoder_wrappers"
+    forward = _function(index, wrapper, "NxDDecoderWrapperForCausalLM.forward")
+    padded = {
+        call.args[0].id: call.args[1]
+        for call in ast.walk(forward)
+        if isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Name)
+        and call.func.id == "pad_to_max_context_length"
+    }
+    assert ast.literal_eval(padded["position_ids"]) == CONTEXT_POSITION_PAD
+    assert ast.unparse(padded["input_ids"]) == "self.config.pad_token_id"
+    init = _function(index, wrapper, "NxDDecoderWrapperForCausalLM.__init__")
+    defaults = [
+        ast.literal_eval(node.value)
+        for node in ast.walk(init)
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "config.pad_token_id"
+    ]
+    assert defaults == [DEFAULT_PAD_TOKEN_ID]
+
+
+def _real_sampling(index: SourceIndex) -> dict[str, Any]:
+    """`Sampler`, `cumsum` and `mask_padded_logits` of the wheel, compiled from its source with
+    the Neuron SDK's names stubbed: their CPU paths (`on_cpu=True`) need none of them."""
+    tree = index.modules[SAMPLING]
+    wanted = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.ClassDef | ast.FunctionDef)
+        and node.name in ("Sampler", "cumsum", "mask_padded_logits")
+    ]
+    namespace: dict[str, Any] = {"torch": torch, "logger": logging.getLogger("sampling")}
+    stubs = ("nxd_argmax", "nxd_topk", "parallel_state", "hardware", "nki_cumsum")
+    namespace.update(dict.fromkeys((*stubs, "get_platform_target", "nki_jit", "rand_like")))
+    namespace["NxDNeuronConfig"] = object
+    exec(compile(ast.Module(wanted, type_ignores=[]), SAMPLING, "exec"), namespace)
+    return namespace
+
+
+def test_fake_samples_as_the_wheels_sampler(index: SourceIndex) -> None:
+    """Same logits, parameters and uniform draws: the same tokens, batch-wide top-p included."""
+    real = _real_sampling(index)
+    generator = torch.Generator().manual_seed(0)
+    for case in range(40):
+        batch, max_topk = 1 + case % 5, (0, 8, 50)[case % 3]
+        logits = torch.randn(batch, 64, generator=generator) * (1 + case % 4)
+        top_k = torch.randint(1, (max_topk or 64) + 1, (batch,), generator=generator).float()
+        top_p = torch.rand(batch, generator=generator).clamp(min=0.05)
+        top_p[::2] = 1.0
+        temperature = torch.rand(batch, generator=generator) + 0.3
+        temperature[::3] = 1.0
+        params = torch.stack([top_k, top_p, temperature], dim=1)
+        config = SimpleNamespace(max_topk=max_topk, tp_degree=1)
+        sampler = real["Sampler"](config, do_sample=True, on_cpu=True)
+        torch.manual_seed(case)
+        chosen = sampler._multinomial_sample(logits.clone(), params, dim=1, rank_id=None)
+        torch.manual_seed(case)
+        uniform = torch.rand_like(torch.zeros(batch, 1))
+        assert device_sample(logits, params, max_topk, uniform).tolist() == chosen.tolist()
+    assert real["Sampler"](SimpleNamespace(max_topk=8), on_cpu=True).IGNORED_LOGITS_VALUE == (
+        IGNORED_LOGIT
+    )
+
+
+def test_fake_pads_the_vocabulary_as_the_wheel_masks_it(index: SourceIndex) -> None:
+    mask_padded_logits = _real_sampling(index)["mask_padded_logits"]
+    logits = torch.randn(2, 1, 10)
+    padded = torch.nn.functional.pad(logits, (0, padded_vocab(10, 4) - 10))
+    # Host sampling gathers the lm_head output on rank 0 of a world of 1 (`modeling_decoder`).
+    masked = mask_padded_logits(padded, torch.tensor(0), 1, pad_size=2)
+    fake = torch.nn.functional.pad(logits, (0, 2), value=torch.finfo(torch.float32).min)
+    assert torch.equal(masked, fake)
+
+
+def test_llama_exports_sample_on_the_device_whatever_the_tensor_parallel_degree(
+    index: SourceIndex,
+) -> None:
+    """What the README says: Llama's `_get_neuron_config` always turns on-device sampling on;
+    only Qwen2 and Qwen3 turn it off with continuous batching at tensor parallel degree 2."""
+    models = "optimum.neuron.models.inference"
+    llama_config = _function(
+        index, f"{models}.llama.modeling_llama", "LlamaNxDModelForCausalLM._get_neuron_config"
+    )
+    keywords = {
+        k.arg: ast.unparse(k.value)
+        for node in ast.walk(llama_config)
+        if isinstance(node, ast.Call)
+        for k in node.keywords
+    }
+    assert keywords["on_device_sampling"] == "True"
+    for model in ("qwen2", "qwen3"):
+        source = ast.unparse(index.modules[f"{models}.{model}.modeling_{model}"])
+        assert "if continuous_batching and tensor_parallel_size == 2:" in source
+        assert "on_device_sampling = False" in source

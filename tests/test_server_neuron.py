@@ -90,6 +90,9 @@ def test_on_device_sampling_serves_greedy_answers_and_refuses_seeds(
         refused = generate(server, PROMPTS[1], 10, seed=3, do_sample=True)
         assert refused.status_code == 422
         assert "on-device sampling" in refused.json()["error"]
+        # The fix it names is a switch that exists.
+        switch = "NEURON_ON_DEVICE_SAMPLING=false (--on-device-sampling false)"
+        assert switch in refused.json()["error"]
         sampled = generate(server, PROMPTS[1], 10, do_sample=True, top_k=5, temperature=0.8)
         assert sampled.status_code == 200
     finally:

@@ -31,12 +31,13 @@ from sagemaker_inference.errors import BaseInferenceToolkitError
 
 from handler.api import tgi
 from handler.api.common import ApiContext, dumps, parse
-from handler.config import read_settings
+from handler.config import Settings, read_settings
 from handler.engine import Engine, load_engine
 from handler.errors import ServingError, ValidationError
 from handler.generation.request import FinalEvent, TokenEvent
 from handler.server.app import JSON_TYPES, Submission
 from handler.server.metrics import Metrics
+from handler.server.state import ServerState
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ ROUTE = "/invocations"
 """How requests are named in the request log (MMS serves them on that route)."""
 JSON_ACCEPTS = frozenset({JSON, "application/*", "*/*"})
 HTTP_SERVER = "the HTTP server (the default SERVING_STACK=gunicorn)"
+REPLY_MARGIN = 5.0
+"""Seconds kept between a reply that waited for the load and MMS's response timeout."""
 
 
 class RequestError(BaseInferenceToolkitError):
@@ -75,15 +78,39 @@ def _toolkit_errors() -> Iterator[None]:
 
 @dataclass
 class LoadedModel:
-    """What `model_fn` returns: the running engine and what requests need from it."""
+    """What `model_fn` returns: the engine, loaded or loading in the background, and what
+    requests need from it."""
 
-    engine: Engine
-    context: ApiContext
+    state: ServerState
     metrics: Metrics
+    wait: float
+    """Seconds a reply may wait for the load (`load_wait`)."""
+    _context: ApiContext | None = None
+
+    @property
+    def engine(self) -> Engine:
+        """The running engine; `UnavailableError` (503) while loading or after a failed load."""
+        return self.state.require_engine()
+
+    @property
+    def context(self) -> ApiContext:
+        """What validation needs of the loaded engine."""
+        if self._context is None:
+            engine = self.engine
+            self._context = ApiContext.of(
+                engine.settings, engine.tokenizer, engine.model_id, engine.backend.shape
+            )
+        return self._context
+
+    def ready_engine(self) -> Engine:
+        """The engine, once loaded: waits for the load up to `wait` seconds, then 503."""
+        self.state.loaded.wait(self.wait)
+        return self.engine
 
     def close(self) -> None:
         """Stop the scheduler thread (MMS never calls it: its worker process just ends)."""
-        self.engine.generator.stop()
+        if self.state.engine is not None:
+            self.state.engine.generator.stop()
 
 
 @dataclass(frozen=True)
@@ -95,31 +122,50 @@ class Prediction:
     final: FinalEvent
 
 
+def load_wait(settings: Settings) -> float:
+    """Seconds a reply of the MMS worker may wait for the model to load: MMS's response timeout
+    (`Settings.mms_response_timeout`) less `REPLY_MARGIN` (at most half of it)."""
+    timeout = settings.mms_response_timeout()
+    return timeout - min(REPLY_MARGIN, timeout / 2)
+
+
 def load_model(model_dir: str, environ: Mapping[str, str]) -> LoadedModel:
     """Load, warm up and start the engine with the settings `environ` gives, as the server does.
-    The model is the one they name (`HF_MODEL_ID`...), else `model_dir`."""
+    The model is the one they name (`HF_MODEL_ID`...), else `model_dir`.
+
+    MMS restarts a worker whose reply, the load's included, takes longer than its response
+    timeout, and the restarted worker loads from the start again. So the load runs in a
+    background thread, waited for up to `load_wait`: a longer load goes on after this returns,
+    and requests meanwhile wait for it up to the same bound, then get a 503. Raises what made
+    the load fail when it failed within the wait.
+    """
     environ = dict(environ)
     settings = read_settings([], environ)
     if settings.model_id is None and model_dir:
         environ["HF_MODEL_ID"] = model_dir
         settings = read_settings([], environ)
     metrics = Metrics()
-    engine = load_engine(
-        settings,
-        lambda stage: logger.info("model %s", stage.replace("_", " ")),
-        on_step=metrics.step,
-        environ=environ,
-    )
-    shape = engine.backend.shape
-    context = ApiContext(
-        settings=engine.settings,
-        tokenizer=engine.tokenizer,
-        model_id=engine.model_id,
-        vocab_size=shape.vocab_size,
-        on_device_sampling=shape.on_device_sampling,
-    )
-    logger.info("model %r ready to serve", engine.model_id)
-    return LoadedModel(engine, context, metrics)
+    state = ServerState(settings)
+
+    def loader(state: ServerState) -> Engine:
+        return load_engine(settings, state.report, on_step=metrics.step, environ=environ)
+
+    # A failure after the wait is logged by `state` and answered to each request with a 503.
+    state.load(loader, on_failure=lambda: None)
+    model = LoadedModel(state, metrics, load_wait(settings))
+    if state.loaded.wait(model.wait) and state.error is not None:
+        raise state.error
+    if state.engine is None:
+        logger.warning(
+            "the model is still loading (%s) after %.0f s, near Multi Model Server's response "
+            "timeout of %.0f s (SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS, or "
+            "SAGEMAKER_MODEL_SERVER_TIMEOUT minutes): the load goes on in the background and "
+            "requests get 503 until it ends",
+            state.stage.value,
+            model.wait,
+            settings.mms_response_timeout(),
+        )
+    return model
 
 
 def model_fn(model_dir: str) -> LoadedModel:
@@ -172,8 +218,9 @@ def _generate_request(data: Any) -> tgi.GenerateRequest:
 def predict_fn(data: tgi.GenerateRequest, model: LoadedModel) -> Prediction:
     """Validate against the model's limits (TGI's rules), generate and wait for the end."""
     with _toolkit_errors():
-        call = tgi.validate(model.context, data, streaming=False)
-        handle = model.engine.generator.submit(call.request)
+        engine = model.ready_engine()
+        call = tgi.validate(model.context, data, streaming=False, full_text=True)
+        handle = engine.generator.submit(call.request)
         submission = Submission(handle, ROUTE, handle.submitted_at, model.metrics)
         tokens, final = submission.result()
     return Prediction(call, tokens, final)

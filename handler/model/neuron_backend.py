@@ -18,8 +18,12 @@ Two consequences shape this backend:
 - Prefill rows are padded up to `max_context_length` with position 0, never with continuing
   positions, so that the largest position is the last prompt token. Padding only to the longest
   prompt is not enough: the runtime's own padding (position 1) would win over a one-token
-  prompt's position 0 and the model would answer from a padding token. A one-token prompt relies
-  on `max` returning the first of equal maxima (all positions 0), as torch and XLA do.
+  prompt's position 0 and the model would answer from a padding token. The padding repeats the
+  row's first token: a one-token prompt then has every position 0, and whichever of the equal
+  maxima the device's `torch.max` picks, that index holds the prompt's token at position 0,
+  attending (causally) only to copies of itself, so it gives the prompt's own answer. (The
+  context encoding writes the whole padded slab into the row's KV cache; decode overwrites the
+  positions after the prompt before it reads them.)
 - Decode always passes every cache row, in seq_id order: rows that are not being decoded get a
   filler token at the last position `sequence_length - 1`, which a row always writes itself
   before reading it. The runtime's own batch padding would instead write the first row's position
@@ -100,6 +104,8 @@ class NeuronBackend:
             device="neuron",
             dtype=dtype_name(getattr(neuron_config, "torch_dtype", None)),
             on_device_sampling=self.on_device_sampling,
+            prompt_logprobs=False,  # the compiled prefill returns the last position only
+            max_top_k=self.top_k_limit if self.on_device_sampling else None,
         )
         logger.info(
             "Neuron model: %d slots of %d tokens (prefill up to %d), tp_degree %s, %s, %s",
@@ -179,10 +185,11 @@ class NeuronBackend:
                 f"{self.max_context_length}"
             )
         order = sorted(range(n), key=lambda i: seq_ids[i])
-        tokens = torch.full((n, self.max_context_length), self.pad_token_id, dtype=torch.long)
+        tokens = torch.empty((n, self.max_context_length), dtype=torch.long)
         positions = torch.zeros((n, self.max_context_length), dtype=torch.long)
         for row, i in enumerate(order):
             length = len(input_ids[i])
+            tokens[row] = input_ids[i][0]  # padding: the first token at position 0 (docstring)
             tokens[row, :length] = torch.tensor(input_ids[i], dtype=torch.long)
             positions[row, :length] = torch.arange(length)
         lengths = torch.tensor([len(input_ids[i]) for i in order])

@@ -29,11 +29,16 @@ from handler.config import (
     positive_int_argument,
 )
 from handler.errors import ConfigError
-from handler.model.neuron_loader import EXPORT, GET_NEURON_CONFIG, load_optimum
+from handler.model.neuron_loader import (
+    ALIGN_TARGET,
+    EXPORT,
+    GET_NEURON_CONFIG,
+    load_optimum,
+    text_config,
+)
 
 logger = logging.getLogger("handler.model.neuron_export")
 
-TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 INSTANCE_TYPES = ("inf2", "trn1", "trn1n", "trn2")
 
 
@@ -42,6 +47,13 @@ def _dtype(text: str) -> str:
     if key not in DTYPE_ALIASES:
         raise argparse.ArgumentTypeError(f"{text!r}: use bf16, fp16 or fp32")
     return DTYPE_ALIASES[key]
+
+
+def _switch(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r}: use true or false")
+    return value == "true"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=INSTANCE_TYPES,
         help="instance family to compile for; default: this machine's",
     )
+    parser.add_argument(
+        "--on-device-sampling",
+        type=_switch,
+        metavar="{true,false}",
+        help="choose tokens on the device (true) or on the host (false: seeds, penalties, "
+        "typical_p and log-probabilities work); default: optimum-neuron's choice for the "
+        "architecture (Llama: true). Served as NEURON_ON_DEVICE_SAMPLING",
+    )
     parser.add_argument("--output", required=True, type=Path, help="directory to write")
     return parser
 
@@ -95,12 +115,20 @@ def export_model(
     revision: str | None = None,
     auto_cast_type: str | None = None,
     instance_type: str | None = None,
+    on_device_sampling: bool | None = None,
 ) -> Path:
-    """Compile `model_id` for these shapes and save it, with its tokenizer, to `output`."""
+    """Compile `model_id` for these shapes and save it, with its tokenizer, to `output`.
+
+    `on_device_sampling`: None keeps optimum-neuron's choice for the architecture. Raises
+    `ConfigError` when the model or the compilation target cannot be exported here.
+    """
     get_neuron_config = load_optimum(GET_NEURON_CONFIG)
     export = load_optimum(EXPORT)
+    # With the configured dtype applied: get_neuron_config takes the dtype from the config.
+    config = text_config(model_id, revision=revision, token=None, auto_cast_type=auto_cast_type)
     neuron_config = get_neuron_config(
         model_id,
+        config=config,
         token=None,
         revision=revision,
         instance_type=instance_type,
@@ -108,11 +136,9 @@ def export_model(
         sequence_length=sequence_length,
         tensor_parallel_size=num_cores,
     )
-    if auto_cast_type is not None:
-        import torch
-
-        # get_neuron_config takes the dtype from the model's config; the export casts to this.
-        neuron_config.torch_dtype = getattr(torch, TORCH_DTYPES[auto_cast_type])
+    check_target(neuron_config.target, instance_type)
+    if on_device_sampling is not None:
+        neuron_config.on_device_sampling = on_device_sampling
     logger.info("Exporting %s with %s", model_id, neuron_config)
     model = export(
         model_id, neuron_config=neuron_config, token=None, revision=revision, load_weights=False
@@ -121,6 +147,32 @@ def export_model(
     save_tokenizer_files(model_id, output, revision=revision)
     logger.info("Exported %s to %s", model_id, output)
     return output
+
+
+def check_target(target: str, instance_type: str | None) -> None:
+    """Refuse before compiling when optimum-neuron would not compile for `target` here.
+
+    `target` is the normalized compilation target of the neuron config (inf2 and trn1n compile
+    as `trn1`). optimum-neuron's export aligns it with this machine and with
+    `NEURON_PLATFORM_TARGET_OVERRIDE` (`align_compilation_target`, `utils/instance.py`) and
+    raises a `ValueError` on a mismatch; the same call here turns it into a message.
+    """
+    align = load_optimum(ALIGN_TARGET)
+    family = instance_type or target
+    try:
+        aligned = align(target, override=False)
+    except ValueError as exc:
+        raise ConfigError(
+            f"Cannot compile for {family} (compilation target {target}) on this machine: {exc}. "
+            f"Run the export on a {family} instance, or set "
+            f"NEURON_PLATFORM_TARGET_OVERRIDE={target} to compile for it from here"
+        ) from exc
+    if aligned != target:
+        raise ConfigError(
+            f"NEURON_PLATFORM_TARGET_OVERRIDE={aligned} contradicts --instance-type {family} "
+            f"(compilation target {target}): unset it, set it to {target}, or export for the "
+            f"instance family of {aligned}"
+        )
 
 
 def save_tokenizer_files(model_id: str, output: Path, *, revision: str | None = None) -> None:
@@ -154,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             revision=args.revision,
             auto_cast_type=args.auto_cast_type,
             instance_type=args.instance_type,
+            on_device_sampling=args.on_device_sampling,
         )
     except ConfigError as exc:
         logger.error("%s", exc)

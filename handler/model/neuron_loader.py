@@ -44,6 +44,8 @@ from handler.errors import ConfigError
 logger = logging.getLogger(__name__)
 export_log = logging.getLogger("handler.model.neuron_export")
 
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+"""`HF_AUTO_CAST_TYPE` values -> `torch` dtype names."""
 OPTIMUM_NEURON_PIN = "0.4.5"
 """The optimum-neuron version `requirements-neuron.txt` pins (named in messages)."""
 TASK = "text-generation"
@@ -80,6 +82,7 @@ GET_NEURON_CONFIG = ContractEntry(
     "optimum.neuron",
     "NeuronModelForCausalLM.get_neuron_config",
     keywords=(
+        "config",
         "token",
         "revision",
         "instance_type",
@@ -102,7 +105,14 @@ READ_NEURON_CONFIG = ContractEntry(
 NEURON_CONFIG_FIELDS = ContractEntry(
     "optimum.neuron.models.inference.backend.config",
     "NxDNeuronConfig",
-    attributes=("batch_size", "sequence_length", "tp_degree", "torch_dtype", "target"),
+    attributes=(
+        "batch_size",
+        "sequence_length",
+        "tp_degree",
+        "torch_dtype",
+        "target",
+        "on_device_sampling",
+    ),
 )
 SELECT_CACHED = ContractEntry(
     "optimum.neuron.cache.hub_cache",
@@ -118,6 +128,10 @@ SELECT_CACHED = ContractEntry(
     ),
 )
 AVAILABLE_CORES = ContractEntry("optimum.neuron.utils.system", "get_available_cores")
+DEFAULT_TARGET = ContractEntry("optimum.neuron.utils.instance", "get_default_compilation_target")
+ALIGN_TARGET = ContractEntry(
+    "optimum.neuron.utils.instance", "align_compilation_target", keywords=("override",)
+)
 
 CONTRACT: tuple[ContractEntry, ...] = (
     NEURON_MODEL,
@@ -129,6 +143,8 @@ CONTRACT: tuple[ContractEntry, ...] = (
     NEURON_CONFIG_FIELDS,
     SELECT_CACHED,
     AVAILABLE_CORES,
+    DEFAULT_TARGET,
+    ALIGN_TARGET,
 )
 """Everything this module and `neuron_export` use of optimum-neuron."""
 
@@ -164,22 +180,33 @@ def missing_optimum(exc: BaseException) -> ConfigError:
 
 
 def parse_visible_cores(spec: str) -> list[int]:
-    """Core indices of a `NEURON_RT_VISIBLE_CORES` value: `3`, `0-3` or `0,2,4-5`."""
-    cores: list[int] = []
+    """Core indices of a `NEURON_RT_VISIBLE_CORES` value in a form optimum-neuron reads too: one
+    core index (`3`) or one range (`0-3`).
+
+    The Neuron runtime also takes lists (`0,2,4-5`), but optimum-neuron 0.4.5's
+    `get_available_cores` (`utils/system.py`) splits the value on `-` only: it counts `0,1` as
+    one core and raises on `0,2,4-5`, so the load would fail inside optimum-neuron. Such values
+    stop start-up here with the forms that work.
+    """
+    text = spec.strip()
+    if "," in text:
+        raise ConfigError(
+            f"NEURON_RT_VISIBLE_CORES={spec!r} is a list, which optimum-neuron "
+            f"{OPTIMUM_NEURON_PIN} does not read (it counts '0,1' as one core and fails on "
+            "'0,2,4-5'): give one core index (3) or one range of contiguous cores (0-3)"
+        )
+    first, _, last = text.partition("-")
     try:
-        for part in spec.split(","):
-            first, _, last = part.strip().partition("-")
-            start = int(first)
-            end = int(last) if last else start
-            if start < 0 or end < start:
-                raise ValueError
-            cores.extend(range(start, end + 1))
+        start = int(first)
+        end = int(last) if last else start
+        if start < 0 or end < start:
+            raise ValueError
     except ValueError:
         raise ConfigError(
-            f"NEURON_RT_VISIBLE_CORES={spec!r} is invalid: use a core index (3), a range (0-3) "
-            "or a comma-separated list (0,2,4-5)"
+            f"NEURON_RT_VISIBLE_CORES={spec!r} is invalid: use one core index (3) or one range "
+            "of contiguous cores (0-3)"
         ) from None
-    return sorted(set(cores))
+    return list(range(start, end + 1))
 
 
 def available_cores(
@@ -189,8 +216,10 @@ def available_cores(
 
     optimum-neuron's `get_available_cores()` counts the cores of the Neuron devices; the values
     of `NEURON_RT_NUM_CORES` and `NEURON_RT_VISIBLE_CORES` (passed by the caller, which reads the
-    environment) cap it the way the Neuron runtime does.
+    environment) cap it the way the Neuron runtime does. `NEURON_RT_VISIBLE_CORES` is checked
+    first: optimum-neuron reads it too, and raises on forms it does not know.
     """
+    visible = parse_visible_cores(visible_cores_spec) if visible_cores_spec else None
     cores = int(load_optimum(AVAILABLE_CORES)())
     if num_cores_spec is not None and num_cores_spec != "":
         try:
@@ -200,8 +229,8 @@ def available_cores(
                 f"NEURON_RT_NUM_CORES={num_cores_spec!r} is invalid: it must be a whole number"
             ) from None
         cores = min(cores, cap)
-    if visible_cores_spec:
-        cores = min(cores, len(parse_visible_cores(visible_cores_spec)))
+    if visible is not None:
+        cores = min(cores, len(visible))
     return cores
 
 
@@ -292,6 +321,7 @@ def shape_of(neuron_config: Any) -> CompiledShape:
         sequence_length=int(neuron_config.sequence_length),
         num_cores=int(neuron_config.tp_degree),
         auto_cast_type=dtype_name(neuron_config.torch_dtype),
+        on_device_sampling=bool(getattr(neuron_config, "on_device_sampling", False)),
     )
 
 
@@ -352,13 +382,22 @@ def _local_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def export_key(model_id: str | Path, revision: str | None, settings: Settings) -> str:
+def sampling_mode(on_device_sampling: bool | None) -> str:
+    """`device`, `host` or `auto` (what optimum-neuron picks for the architecture)."""
+    if on_device_sampling is None:
+        return "auto"
+    return "device" if on_device_sampling else "host"
+
+
+def export_key(model_id: str | Path, revision: str | None, settings: Settings, target: str) -> str:
     """Directory name of the export of `model_id` for the settings' shapes and the installed SDK.
 
     It holds the model (hub id and revision, or a local directory's name and fingerprint), batch
-    size, sequence length, cores, dtype (`auto`: the model's own) and the optimum-neuron and
-    neuronx-cc versions. `settings.num_cores` must be resolved (not None). A hub revision is
-    kept as given: a branch such as `main` keeps the commit of its first export.
+    size, sequence length, cores, dtype (`auto`: the model's own), the compilation target
+    (`trn1` for inf2 and trn1, `trn2`), where tokens are sampled (`NEURON_ON_DEVICE_SAMPLING`)
+    and the optimum-neuron and neuronx-cc versions. `settings.num_cores` must be resolved (not
+    None). A hub revision is kept as given: a branch such as `main` keeps the commit of its
+    first export.
     """
     if settings.num_cores is None:
         raise ValueError("export_key needs settings.num_cores resolved to a number of cores")
@@ -370,15 +409,16 @@ def export_key(model_id: str | Path, revision: str | None, settings: Settings) -
     versions = sdk_versions()
     key = (
         f"{source}--bs{settings.max_batch_size}-seq{settings.max_total_tokens}"
-        f"-tp{settings.num_cores}-{settings.auto_cast_type or 'auto'}"
+        f"-tp{settings.num_cores}-{settings.auto_cast_type or 'auto'}-{target}"
+        f"-sampling-{sampling_mode(settings.on_device_sampling)}"
         f"--optimum-neuron-{versions['optimum-neuron']}-neuronx-cc-{versions['neuronx-cc']}"
     )
     return re.sub(r"[^A-Za-z0-9._-]", "_", key)
 
 
-def export_dir(settings: Settings, model_id: str | Path, revision: str | None) -> Path:
+def export_dir(settings: Settings, model_id: str | Path, revision: str | None, target: str) -> Path:
     """The directory the export of `model_id` for these settings is saved in and found again."""
-    return export_root(settings) / export_key(model_id, revision, settings)
+    return export_root(settings) / export_key(model_id, revision, settings, target)
 
 
 # --- the decision ------------------------------------------------------------------------------
@@ -434,7 +474,7 @@ def prepare_neuron_model(
     num_cores = settings.num_cores or cores_available
     check_cores(num_cores, cores_available, visible_cores_spec)
     settings = dataclasses.replace(settings, num_cores=num_cores)
-    target = export_dir(settings, model, revision)
+    target = export_dir(settings, model, revision, load_optimum(DEFAULT_TARGET)())
     if target.exists():
         if is_exported(target):
             logger.info("reusing exported model at %s", target)
@@ -442,10 +482,19 @@ def prepare_neuron_model(
         logger.warning("Removing the incomplete export at %s", target)
         shutil.rmtree(target)
 
+    config = text_config(
+        model,
+        revision=revision,
+        token=token,
+        auto_cast_type=settings.auto_cast_type,
+        cache_dir=settings.hub_cache,
+        trust_remote_code=settings.trust_remote_code,
+    )
     get_neuron_config = load_optimum(GET_NEURON_CONFIG)
     try:
         neuron_config = get_neuron_config(
             model,
+            config=config,
             token=token,
             revision=revision,
             instance_type=None,
@@ -486,6 +535,50 @@ def prepare_neuron_model(
     return PreparedModel(str(target), None, compiled_shape(target), "compiled")
 
 
+def text_config(
+    model: str | Path,
+    *,
+    revision: str | None,
+    token: str | None,
+    auto_cast_type: str | None,
+    cache_dir: str | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
+    """The text config of standard model `model`, with `auto_cast_type` (`HF_AUTO_CAST_TYPE`)
+    applied, for `get_neuron_config(config=...)`.
+
+    optimum-neuron takes the export's dtype from `config.dtype` (`DTYPE_MAPPER.pt(config.dtype)`
+    in `get_neuron_config`) and raises on None, before any dtype we set later applies. Raises
+    `ConfigError` when the config cannot be read, or names no dtype and none is configured.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            str(model),
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            trust_remote_code=trust_remote_code,
+        ).get_text_config()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"Cannot read the configuration of {model} to export it for Neuron: {exc}. Check "
+            "HF_MODEL_ID, HF_MODEL_REVISION and, for a gated model, HF_TOKEN"
+        ) from exc
+    if auto_cast_type is not None:
+        import torch
+
+        config.dtype = getattr(torch, TORCH_DTYPES[auto_cast_type])
+    elif config.dtype is None:
+        raise ConfigError(
+            f"The config.json of {model} names no dtype (`torch_dtype`), which optimum-neuron "
+            f"{OPTIMUM_NEURON_PIN} needs to export it: set HF_AUTO_CAST_TYPE (--auto-cast-type) "
+            "to bf16, fp16 or fp32"
+        )
+    return config
+
+
 def _refuse_legacy_export(model: str) -> None:
     """Models exported by optimum-neuron before 0.1 (transformers-neuronx) have a `neuron`
     section in config.json and no neuron_config.json; 0.4 cannot load nor re-export them."""
@@ -505,16 +598,26 @@ def _refuse_legacy_export(model: str) -> None:
 
 def _describe(model: str, revision: str | None, settings: Settings, dtype: str) -> str:
     where = "local directory" if Path(model).is_dir() else f"revision {revision or 'main'}"
+    sampling = (
+        ""
+        if settings.on_device_sampling is None
+        else f", {sampling_mode(settings.on_device_sampling)} sampling"
+    )
     return (
         f"{model} ({where}) with batch size {settings.max_batch_size}, sequence length "
-        f"{settings.max_total_tokens}, {settings.num_cores} cores, dtype {dtype}"
+        f"{settings.max_total_tokens}, {settings.num_cores} cores, dtype {dtype}{sampling}"
     )
 
 
 def _cached_entries(
     model: str, settings: Settings, instance_type: str | None, dtype: str
 ) -> tuple[list[Any], str | None]:
-    """Hub cache entries compiled for exactly these shapes, and why the lookup failed if it did."""
+    """Hub cache entries compiled for exactly these shapes, and why the lookup failed if it did.
+
+    `select_hub_cached_entries` cannot filter on where tokens are sampled: entries whose
+    `on_device_sampling` contradicts `NEURON_ON_DEVICE_SAMPLING` are dropped here, since their
+    compiled graphs would not serve the export.
+    """
     select = load_optimum(SELECT_CACHED)
     try:
         entries = select(
@@ -532,7 +635,14 @@ def _cached_entries(
         # failure counts as a miss, and the miss's message says why.
         logger.warning("Looking up %s in the hub cache failed: %s", model, exc)
         return [], f"{type(exc).__name__}: {exc}"
-    return list(entries), None
+    wanted = settings.on_device_sampling
+    return [
+        entry
+        for entry in entries
+        if wanted is None
+        or not isinstance(entry, Mapping)
+        or entry.get("on_device_sampling", wanted) == wanted
+    ], None
 
 
 def _export_command(
@@ -552,6 +662,8 @@ def _export_command(
     ]
     if dtype != "auto":
         command += ["--auto-cast-type", dtype]
+    if settings.on_device_sampling is not None:
+        command += ["--on-device-sampling", str(settings.on_device_sampling).lower()]
     return [*command, "--output", str(output)]
 
 
@@ -657,7 +769,8 @@ def _uncached_message(
         f"{settings.custom_cache_repo} (CUSTOM_CACHE_REPO){lookup}. Compiling it at start-up can "
         "take up to an hour, longer than the start-up health check allows. Either:\n"
         f"  - serve a configuration the cache has (`optimum-cli neuron cache lookup {model}` lists "
-        "them): set MAX_BATCH_SIZE, MAX_TOTAL_TOKENS, HF_NUM_CORES and HF_AUTO_CAST_TYPE to it;\n"
+        "them): set MAX_BATCH_SIZE, MAX_TOTAL_TOKENS, HF_NUM_CORES, HF_AUTO_CAST_TYPE and "
+        "NEURON_ON_DEVICE_SAMPLING to it;\n"
         f"  - export ahead of time on a Neuron machine "
         f"({_shown_command(model, revision, settings, dtype)}) and serve DIR "
         "(HF_MODEL_ID=DIR);\n"

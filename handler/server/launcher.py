@@ -4,9 +4,12 @@
 - Threads (`gthread`): one per stream up to `MAX_CONCURRENT_REQUESTS`, plus spares so that
   health checks and 429 answers never wait behind generations.
 - The master binds the port before the worker starts; the worker loads the model in a
-  background thread, so `/ping` answers 503 with the loading stage at once and the worker's
-  heartbeat keeps running (no worker timeout however long loading takes). If loading fails the
-  worker exits with gunicorn's boot-error code and the server stops with the reason logged.
+  background thread, so `/ping` answers 503 with the loading stage at once. gunicorn's worker
+  timeout (`WORKER_TIMEOUT`, 120 s) does not apply while the model loads: a native call holding
+  the GIL that long (weights read, graphs loaded onto the Neuron cores) stops the worker's main
+  loop and its heartbeat too, and the master would kill the worker and start the load over
+  (`LoadingHeartbeat`). Once loaded, the timeout applies again. If loading fails the worker
+  exits with gunicorn's boot-error code and the server stops with the reason logged.
 - SIGTERM: the worker stops admitting (new requests get 503), lets running generations finish
   within `SHUTDOWN_GRACE_SECONDS` (default 20, under SageMaker's 30 s before SIGKILL), then
   closes; the master exits 0.
@@ -14,18 +17,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
+import math
+import multiprocessing
 import os
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.workertmp import WorkerTmp
 
 from handler.config import Settings
 from handler.server.app import SEND_TIMEOUT_SECONDS, create_app
@@ -35,12 +44,64 @@ from handler.server.state import ServerState
 logger = logging.getLogger(__name__)
 
 SPARE_THREADS = 8
+WORKER_TIMEOUT = 120
+"""gunicorn's `timeout` (s): the master restarts a worker whose main loop has not checked in for
+this long, except while the model loads (`LoadingHeartbeat`)."""
 _state: ServerState | None = None
 """The worker's state, for its SIGTERM handler (set in the worker process by `load`)."""
+_heartbeat: LoadingHeartbeat | None = None
+"""The worker's heartbeat (set in the worker process before `load`)."""
+
+
+class LoadingHeartbeat:
+    """A worker's heartbeat file (gunicorn's `WorkerTmp`) that reads as current while the worker
+    loads the model.
+
+    The master kills a worker whose heartbeat is older than the timeout. Within `loading()`,
+    `last_update` is +inf; after it, the later of the file's time and the end of the load, so
+    that a load ending in a long GIL-holding call does not get the worker killed either. The
+    mark is in memory shared with the master, allocated there before the fork; both read the
+    system-wide monotonic clock, as gunicorn's own heartbeat does.
+    """
+
+    def __init__(self, tmp: WorkerTmp) -> None:
+        self.tmp = tmp
+        self.mark = multiprocessing.RawValue(ctypes.c_double, 0.0)
+
+    def notify(self) -> None:
+        self.tmp.notify()
+
+    def last_update(self) -> float:
+        return max(self.tmp.last_update(), self.mark.value)
+
+    def fileno(self) -> int:
+        return self.tmp.fileno()
+
+    def close(self) -> None:
+        self.tmp.close()
+
+    @contextlib.contextmanager
+    def loading(self) -> Iterator[None]:
+        """While the body runs, the worker counts as alive however long its main loop stalls."""
+        self.mark.value = math.inf
+        try:
+            yield
+        finally:
+            self.mark.value = time.monotonic()
 
 
 class DrainingWorker(ThreadWorker):
-    """A gthread worker whose SIGTERM drains the generator before it stops listening."""
+    """A gthread worker whose SIGTERM drains the generator before it stops listening, and whose
+    heartbeat reads as current while the model loads."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # in the master, before the fork
+        self.tmp = LoadingHeartbeat(self.tmp)
+
+    def init_process(self) -> None:
+        global _heartbeat
+        _heartbeat = self.tmp
+        super().init_process()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         state = _state
@@ -86,12 +147,19 @@ def write_json_error(sock: socket.socket, status: int, reason: str, message: str
 
 
 class ServingApplication(BaseApplication):
-    def __init__(self, settings: Settings, argv: Sequence[str], environ: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        argv: Sequence[str],
+        environ: Mapping[str, str],
+        worker_timeout: int = WORKER_TIMEOUT,
+    ) -> None:
         """`argv` and `environ` are kept to read the settings again with the compiled shapes of
         an exported Neuron model."""
         self.settings = settings
         self.argv = list(argv)
         self.environ = dict(environ)
+        self.worker_timeout = worker_timeout
         super().__init__()
 
     def load_config(self) -> None:
@@ -103,7 +171,7 @@ class ServingApplication(BaseApplication):
             "worker_class": DrainingWorker,
             "threads": threads,
             "worker_connections": max(1000, 2 * threads),
-            "timeout": 120,
+            "timeout": self.worker_timeout,
             "graceful_timeout": int(settings.shutdown_grace) + 5,
             "keepalive": 5,
             "accesslog": None,
@@ -124,12 +192,19 @@ class ServingApplication(BaseApplication):
         # gunicorn has no hook for the body of the errors it answers itself.
         gunicorn_util.write_error = write_json_error
 
-        def loader(state: ServerState) -> Any:
-            from handler.engine import load_engine  # torch loads here, not before binding
+        heartbeat = _heartbeat
 
-            engine = load_engine(
-                settings, state.report, on_step=metrics.step, argv=self.argv, environ=self.environ
-            )
+        def loader(state: ServerState) -> Any:
+            with heartbeat.loading() if heartbeat else contextlib.nullcontext():
+                from handler.engine import load_engine  # torch loads here, not before binding
+
+                engine = load_engine(
+                    settings,
+                    state.report,
+                    on_step=metrics.step,
+                    argv=self.argv,
+                    environ=self.environ,
+                )
             metrics.track(
                 lambda: engine.generator.queue_size, lambda: engine.generator.active_slots
             )

@@ -42,6 +42,10 @@ class ServerState:
         self.stage = Stage.STARTING
         self.engine: Engine | None = None
         self.failure: str | None = None
+        self.error: Exception | None = None
+        """What made loading fail, if it did."""
+        self.loaded = threading.Event()
+        """Set once loading has ended, whether it succeeded or failed."""
         self.started_at = time.time()
 
     def report(self, stage: str) -> None:
@@ -49,21 +53,25 @@ class ServerState:
         logger.info("start-up stage: %s", self.stage.value)
 
     def load(self, loader: Callable[[ServerState], Engine], on_failure: Callable[[], None]) -> None:
-        """Load in a background thread; `on_failure` runs (and should exit) if loading fails."""
+        """Load in a background thread; `on_failure` runs if loading fails (the HTTP server's
+        exits; `loaded` is set before it runs)."""
 
         def run() -> None:
             try:
                 engine = loader(self)
             except Exception as exc:
                 self.failure = f"{type(exc).__name__}: {exc}"
+                self.error = exc
                 self.stage = Stage.FAILED
                 logger.error("loading the model failed: %s", self.failure, exc_info=exc)
+                self.loaded.set()
                 on_failure()
                 return
             self.engine = engine
             if self.stage is not Stage.DRAINING:
                 self.stage = Stage.READY
                 logger.info("ready to serve %s", engine.model_id)
+            self.loaded.set()
 
         threading.Thread(target=run, name="loader", daemon=True).start()
 

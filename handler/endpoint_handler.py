@@ -37,14 +37,10 @@ class EndpointHandler:
 
     def __call__(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         engine = self.engine
-        ctx = ApiContext(
-            settings=engine.settings,
-            tokenizer=engine.tokenizer,
-            model_id=engine.model_id,
-            vocab_size=engine.backend.shape.vocab_size,
-            on_device_sampling=engine.backend.shape.on_device_sampling,
+        ctx = ApiContext.of(
+            engine.settings, engine.tokenizer, engine.model_id, engine.backend.shape
         )
-        call = tgi.validate(ctx, parse(tgi.GenerateRequest, data), streaming=False)
+        call = tgi.validate(ctx, parse(tgi.GenerateRequest, data), streaming=False, full_text=True)
         handle = engine.generator.submit(call.request)
         submission = Submission(handle, "EndpointHandler", handle.submitted_at, self.metrics)
         tokens, final = submission.result()

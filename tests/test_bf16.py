@@ -1,4 +1,4 @@
-"""Reduced precision on CPU: the bf16 torch backend against `transformers` in bf16."""
+"""Reduced precision on CPU: the bf16 torch backend against `transformers`, by the margin rule."""
 
 from __future__ import annotations
 
@@ -7,17 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from handler import engine as engine_module
 from handler.config import read_settings
 from handler.engine import Engine
 from handler.generation.request import GenerationRequest
-from tests.conftest import PROMPTS, reference_greedy, start_engine
+from tests.conftest import PROMPTS, assert_margin_rule, reference_greedy, start_engine
 
-BF16_STEPS = 4
-"""Batched bf16 answers were seen at most 2 bf16 steps from the reference's best token (48
-answers of 32 tokens); twice that is the bound."""
+BF16_STEPS = 6
+"""The margin rule's bound, in bf16 rounding steps at the logit's magnitude. Against the fp32
+reference, answers in bf16 were seen at most 3.0 steps short of its best (8 prompts x 32 tokens,
+alone and batched, Intel Xeon with AMX; 1.7 batched); twice the worst is the bound. Another
+prompt's answer or a shifted one falls 7 to 16 nats short."""
 
 
 @pytest.fixture(scope="module")
@@ -27,50 +28,42 @@ def bf16_engine(smollm2_dir: Path):
     engine.generator.stop()
 
 
-@pytest.fixture(scope="module")
-def bf16_reference(smollm2_dir: Path) -> AutoModelForCausalLM:
-    return AutoModelForCausalLM.from_pretrained(
-        smollm2_dir, dtype=torch.bfloat16, attn_implementation="sdpa"
-    ).eval()
-
-
 def greedy(engine: Engine, ids: list[int], n: int) -> list[int]:
     tokens, _ = engine.generator.submit(GenerationRequest(ids, max_new_tokens=n)).result(120)
     return [t.token.id for t in tokens]
 
 
-def test_bf16_matches_transformers_bf16_alone_and_in_a_batch(
-    bf16_engine: Engine, bf16_reference, tokenizer
+def test_bf16_follows_transformers_alone_and_in_a_batch(
+    bf16_engine: Engine, reference_model, tokenizer
 ) -> None:
-    """Alone, every greedy token equals `transformers` in bf16. In a batch the prompts are
-    packed and rows share matrix products, which rounds differently in bf16 (as a batched
-    `generate` does): there each chosen token must be the reference's best choice given the same
-    prefix, or lie within `BF16_STEPS` bf16 steps of it (logits of 16 to 32 are 1/8 apart in
-    bf16). A wrong row or position would miss by whole nats."""
+    """Greedy answers in bf16, alone and packed in a batch, follow the margin rule against
+    `transformers` (`assert_margin_rule`): exact equality in bf16 holds on one CPU family and
+    not on the other (AMX kernels round differently from AVX-512 ones)."""
     assert bf16_engine.backend.shape.dtype == "bfloat16"
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
-    expected = [reference_greedy(bf16_reference, ids, 32) for ids in prompts]
-    assert [greedy(bf16_engine, ids, 32) for ids in prompts] == expected
+    for ids in prompts:
+        assert_margin_rule(reference_model, ids, greedy(bf16_engine, ids, 32), BF16_STEPS)
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(lambda ids: greedy(bf16_engine, ids, 32), prompts))
-    exact = 0
-    for ids, got, want in zip(prompts, together, expected):
-        exact += got == want  # (a batched answer may also stop early on a tied EOS)
-        with torch.inference_mode():
-            logits = bf16_reference(torch.tensor([ids + got])).logits[0, len(ids) - 1 : -1]
-        logits = logits.float()  # [len(got), vocab]: the reference's logits given our prefix
-        best = logits.max(-1).values
-        shortfall = best - logits.gather(1, torch.tensor(got)[:, None])[:, 0]
-        step = torch.finfo(torch.bfloat16).eps * 2 ** torch.floor(torch.log2(best.abs()))
-        assert bool((shortfall <= BF16_STEPS * step).all()), (
-            tokenizer.decode(ids),
-            (shortfall / step).max(),
-        )
-    assert exact >= len(prompts) // 2, f"only {exact} of {len(prompts)} batched answers are exact"
+    for ids, got in zip(prompts, together):
+        assert_margin_rule(reference_model, ids, got, BF16_STEPS)
     # The CPU cache holds the bf16 states exactly in fp32, for the fp32 decode attention.
     cache = bf16_engine.backend.cache
     assert bf16_engine.backend.shape.kv_cache_dtype == "float32"
     assert cache.keys[0].dtype == cache.values[-1].dtype == torch.float32
+
+
+def test_the_margin_rule_fails_on_a_wrong_row_or_position(reference_model, tokenizer) -> None:
+    """The rule is loose only where the reference itself hesitates: another prompt's answer
+    (a wrong row) or the right answer shifted by one token (a wrong position) breaks it."""
+    first, second = (tokenizer(p).input_ids for p in PROMPTS[:2])
+    answer = reference_greedy(reference_model, first, 16)
+    assert_margin_rule(reference_model, first, answer, BF16_STEPS)
+    wrong_row = reference_greedy(reference_model, second, 16)
+    shifted = answer[1:] + answer[:1]
+    for wrong in (wrong_row, shifted):
+        with pytest.raises(AssertionError, match="below the reference's best"):
+            assert_margin_rule(reference_model, first, wrong, BF16_STEPS)
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,7 @@ def test_it_lists_every_route_of_the_app_and_nothing_else(
     }
     documented = {(path, method) for path, ops in document["paths"].items() for method in ops}
     assert served == documented
-    assert len(served) == 15
+    assert len(served) == 18
     assert "static" not in {rule.endpoint for rule in app.url_map.iter_rules()}
 
 

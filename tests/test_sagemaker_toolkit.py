@@ -219,7 +219,8 @@ def test_functions_give_the_golden_greedy_answer(
     answer, content_type = output_fn(predict_fn(data, model), "application/json")
     assert content_type == "application/json"
     (generated,) = json.loads(answer)
-    assert generated["generated_text"] == golden(PROMPTS[1], 16)
+    # As POST / and TGI's /invocations: the full text by default.
+    assert generated["generated_text"] == PROMPTS[1] + golden(PROMPTS[1], 16)
     assert generated["details"]["finish_reason"] == "length"
     assert generated["details"]["generated_tokens"] == 16
     assert model.engine.settings == read_settings([], {**SHAPES, "HF_MODEL_ID": str(smollm2_dir)})
@@ -259,7 +260,7 @@ def test_predict_fn_validates_like_the_server(
 def test_output_fn_accepts_json(prediction: Prediction, accept: str | None) -> None:
     answer, content_type = output_fn(prediction, accept)
     assert content_type == "application/json"
-    assert json.loads(answer)[0]["generated_text"] == prediction.final.text
+    assert json.loads(answer)[0]["generated_text"] == prediction.call.prefix + prediction.final.text
 
 
 @pytest.mark.slow
@@ -325,7 +326,7 @@ def test_stock_toolkit_with_this_script(
         body = json.dumps(generate_body(PROMPTS[2], max_new_tokens=10)).encode()
         status, content_type, answer = handle(service, smollm2_dir, body, accept="*/*")
         assert (status, content_type) == (200, "application/json")
-        assert json.loads(answer) == [{"generated_text": golden(PROMPTS[2], 10)}]
+        assert json.loads(answer) == [{"generated_text": PROMPTS[2] + golden(PROMPTS[2], 10)}]
         bad = json.dumps(generate_body(top_k=-1)).encode()
         status, _, answer = handle(service, smollm2_dir, bad)
         assert status == 422 and "`top_k` must be strictly positive" in answer
@@ -348,7 +349,7 @@ def test_handler_service_answers_errors_with_json_bodies(
         body = json.dumps(generate_body(PROMPTS[0], max_new_tokens=8)).encode()
         status, content_type, answer = handle(service, smollm2_dir, body, accept=None)
         assert (status, content_type) == (200, "application/json")
-        assert json.loads(answer) == [{"generated_text": golden(PROMPTS[0], 8)}]
+        assert json.loads(answer) == [{"generated_text": PROMPTS[0] + golden(PROMPTS[0], 8)}]
 
         cases = [
             (json.dumps(generate_body(temperature=0)).encode(), "application/json", None),
@@ -485,7 +486,7 @@ def test_mms_end_to_end(smollm2_dir: Path, tmp_path: Path, golden: Any) -> None:
         response = requests.post(f"{url}/invocations", json=body, timeout=120)
         assert response.status_code == 200, failure(response.text)
         assert response.headers["Content-Type"].startswith("application/json")
-        assert response.json() == [{"generated_text": golden(PROMPTS[3], 16)}]
+        assert response.json() == [{"generated_text": PROMPTS[3] + golden(PROMPTS[3], 16)}]
 
         bad = requests.post(f"{url}/invocations", json=generate_body(top_p=2.0), timeout=30)
         assert bad.status_code == 422, failure(bad.text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -30,6 +31,8 @@ def reference_support(logits: torch.Tensor, prompt: list[int], p: SamplingParams
         scores = TopKLogitsWarper(p.top_k)(ids, scores)
     if p.top_p < 1:
         scores = TopPLogitsWarper(p.top_p)(ids, scores)
+    if p.min_p > 0:
+        scores = MinPLogitsWarper(p.min_p)(ids, scores)
     if p.typical_p < 1:
         scores = TypicalLogitsWarper(p.typical_p)(ids, scores)
     return set(torch.isfinite(scores[0]).nonzero()[:, 0].tolist())
@@ -43,6 +46,10 @@ PARAMS = [
     SamplingParams(do_sample=True, top_p=0.999),
     SamplingParams(do_sample=True, typical_p=0.7),
     SamplingParams(do_sample=True, repetition_penalty=1.3, top_k=10),
+    SamplingParams(do_sample=True, min_p=0.1),
+    SamplingParams(do_sample=True, min_p=0.001),
+    SamplingParams(do_sample=True, temperature=0.7, top_p=0.9, min_p=0.05),
+    SamplingParams(do_sample=True, top_k=40, min_p=0.2, typical_p=0.9),
 ]
 
 
@@ -73,13 +80,15 @@ def test_samples_stay_in_the_reference_support(params: SamplingParams, monkeypat
 def test_truncation_mask_equals_reference(monkeypatch) -> None:
     monkeypatch.setattr(sampling, "CANDIDATES", 64)
     torch.manual_seed(1)
-    logits = torch.randn(6, VOCAB) * torch.tensor([0.5, 1, 2, 4, 8, 1])[:, None]
-    cases = [(0, 0.9), (30, 1.0), (30, 0.7), (0, 0.999), (5, 0.5), (0, 0.3)]
-    top_k = torch.tensor([k for k, _ in cases])
-    top_p = torch.tensor([p for _, p in cases])
-    masked = TokenSelector(6, VOCAB)._truncate(logits.clone(), top_k, top_p)
-    for i, (k, p) in enumerate(cases):
-        params = SamplingParams(do_sample=True, top_k=k, top_p=p)
+    logits = torch.randn(8, VOCAB) * torch.tensor([0.5, 1, 2, 4, 8, 1, 0.5, 3])[:, None]
+    cases = [(0, 0.9, 0), (30, 1.0, 0), (30, 0.7, 0), (0, 0.999, 0), (5, 0.5, 0), (0, 0.3, 0)]
+    cases += [(0, 1.0, 0.05), (20, 0.95, 0.1)]
+    top_k = torch.tensor([k for k, _, _ in cases])
+    top_p = torch.tensor([p for _, p, _ in cases])
+    min_p = torch.tensor([m for _, _, m in cases])
+    masked = sampling.truncate(logits.clone(), top_k, top_p, min_p)
+    for i, (k, p, m) in enumerate(cases):
+        params = SamplingParams(do_sample=True, top_k=k, top_p=p, min_p=m)
         assert set(torch.isfinite(masked[i]).nonzero()[:, 0].tolist()) == reference_support(
             logits[i], [0], params
         )
@@ -122,3 +131,34 @@ def test_seeded_rows_do_not_depend_on_neighbours() -> None:
         a = alone.select(logits[3:4].clone(), [0]).ids[0]
         b = crowd.select(logits.clone(), list(range(5))).ids[3]
         assert a == b
+
+
+def test_logit_bias_moves_greedy_and_sampled_choices_but_not_logprobs() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]] * 3)
+    selector = TokenSelector(3, 4)
+    selector.assign(0, SamplingParams(logit_bias=((1, -100.0),)), [0])
+    selector.assign(1, SamplingParams(logit_bias=((3, 5.0),)), [0])
+    selector.assign(2, SamplingParams(do_sample=True, seed=1, logit_bias=((0, 100.0),)), [0])
+    selection = selector.select(logits.clone(), [0, 1, 2])
+    assert selection.ids == [2, 3, 0]
+    raw = torch.log_softmax(logits[0], -1)
+    assert selection.logprobs == pytest.approx([raw[2].item(), raw[3].item(), raw[0].item()])
+
+
+def test_end_tokens_are_banned_for_min_tokens_steps() -> None:
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.0]])  # 1 is the end token, 3 a stop token id
+    selector = TokenSelector(1, 4)
+    selector.assign(0, SamplingParams(min_tokens=2), [0], end_ids=frozenset({1, 3}))
+    chosen = [selector.select(logits.clone(), [0]).ids[0] for _ in range(3)]
+    assert chosen == [2, 2, 1]
+    # Without end tokens to ban (ignore_eos and no stop ids) nothing is banned.
+    selector.assign(0, SamplingParams(min_tokens=2), [0])
+    assert selector.select(logits.clone(), [0]).ids == [1]
+
+
+def test_min_p_keeps_what_is_at_least_min_p_times_the_best() -> None:
+    probs = torch.tensor([[0.4, 0.3, 0.15, 0.1, 0.05]])
+    selector = TokenSelector(1, 5)
+    selector.assign(0, SamplingParams(do_sample=True, seed=5, min_p=0.3), [0])
+    seen = {selector.select(probs.log(), [0]).ids[0] for _ in range(300)}
+    assert seen == {0, 1, 2}  # 0.15 >= 0.3 * 0.4 > 0.1

@@ -320,9 +320,9 @@ OPENAI_CASES = [
         ["response_format"],
         id="chat-json-object",
     ),
-    pytest.param("/v1/chat/completions", chat(n=2), ["`n`"], id="chat-n-2"),
+    pytest.param("/v1/chat/completions", chat(n=0), ["`n`"], id="chat-n-0"),
     pytest.param(
-        "/v1/chat/completions", chat(logit_bias={"42": 10}), ["logit_bias"], id="chat-logit-bias"
+        "/v1/chat/completions", chat(logit_bias={"42": 500}), ["logit_bias"], id="chat-logit-bias"
     ),
     pytest.param(
         "/v1/chat/completions",
@@ -364,7 +364,7 @@ OPENAI_CASES = [
     ),
     pytest.param("/v1/completions", completion(suffix="end"), ["suffix"], id="completions-suffix"),
     pytest.param("/v1/completions", completion(best_of=2), ["best_of"], id="completions-best_of"),
-    pytest.param("/invocations", chat(n=2), ["`n`"], id="invocations-chat-n-2"),
+    pytest.param("/invocations", chat(n=0), ["`n`"], id="invocations-chat-n-0"),
     pytest.param("/invocations", completion(suffix="end"), ["suffix"], id="invocations-suffix"),
 ]
 
@@ -389,7 +389,7 @@ STREAM_CASES = [
         {"Accept": "text/event-stream"},
         id="invocations-accept-sse",
     ),
-    pytest.param("/v1/chat/completions", chat(n=2, stream=True), {}, id="chat"),
+    pytest.param("/v1/chat/completions", chat(n=0, stream=True), {}, id="chat"),
     pytest.param("/v1/completions", completion(suffix="x", stream=True), {}, id="completions"),
 ]
 

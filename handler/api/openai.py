@@ -8,19 +8,20 @@ is echoed back and never used to choose or load anything.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import pydantic
+from typing import Any, ClassVar, Literal
 
 from handler.api.common import (
     SSE_DONE,
-    STRICT,
     Answer,
     ApiContext,
+    Refused,
+    WireRequest,
     encode,
     finite,
     on_device_sampling_error,
@@ -37,6 +38,7 @@ from handler.generation.request import (
     Event,
     FinalEvent,
     GenerationRequest,
+    SamplingParams,
     Token,
     TokenEvent,
 )
@@ -49,31 +51,73 @@ FINISH_REASONS = {
 }
 
 
-class ContentPart(pydantic.BaseModel):
-    model_config = STRICT
+STRUCTURED = (
+    "structured output is not implemented yet: leave it out (JSON that must parse is not promised)"
+)
+TOOLS = "tool calling is not implemented yet"
+SHARED_REFUSED = {
+    **{
+        name: Refused(f": {STRUCTURED}")
+        for name in (
+            "guided_json",
+            "guided_regex",
+            "guided_choice",
+            "guided_grammar",
+            "guided_decoding_backend",
+            "guided_whitespace_pattern",
+            "structured_outputs",
+        )
+    },
+    "use_beam_search": Refused(": beam search is not implemented"),
+    "length_penalty": Refused(": it applies to beam search, which is not implemented", (1, 1.0)),
+    "allowed_token_ids": Refused(": restricting the vocabulary is not implemented"),
+    "bad_words": Refused(": banned words are not implemented"),
+    "logits_processors": Refused(": custom logits processors are not accepted"),
+    "prompt_logprobs": Refused(": use `echo` with `logprobs` on /v1/completions"),
+    "return_tokens_as_token_ids": Refused(": tokens are reported as text"),
+    "skip_special_tokens": Refused(": special tokens are always left out of the text", (True,)),
+    "include_stop_str_in_output": Refused(
+        ": a stop sequence always stays at the end of the text, as in TGI", (True,)
+    ),
+    "response_format": Refused(f": {STRUCTURED}", ({"type": "text"},)),
+}
+"""Undeclared fields, of OpenAI's API or vLLM's extensions, that would change the answer."""
 
+
+class ContentPart(WireRequest):
     type: str
     text: str | None = None
 
 
-class Message(pydantic.BaseModel):
-    model_config = STRICT
+class FunctionCall(WireRequest):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+    """JSON text, as OpenAI sends it (an object is accepted too)."""
 
+
+class ToolCall(WireRequest):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(WireRequest):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    """An assistant turn's calls: passed to the chat template as `transformers` documents them
+    (arguments as an object)."""
+    tool_call_id: str | None = None
+    """A `tool` turn: which call this result answers."""
 
 
-class StreamOptions(pydantic.BaseModel):
-    model_config = STRICT
-
+class StreamOptions(WireRequest):
     include_usage: bool = False
 
 
-class _Sampling(pydantic.BaseModel):
+class _Sampling(WireRequest):
     """Parameters chat and completions share."""
-
-    model_config = STRICT
 
     model: str | None = None
     max_tokens: int | None = None
@@ -82,31 +126,80 @@ class _Sampling(pydantic.BaseModel):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     repetition_penalty: float | None = None
-    """TGI extension."""
+    """Extension (TGI, vLLM): above 0; 1 is none."""
+    top_k: int | None = None
+    """Extension (vLLM): sample among the k most likely tokens; 0 or -1 is off."""
+    min_p: float | None = None
+    """Extension (vLLM): in [0, 1], keep tokens at least this times as likely as the best."""
+    typical_p: float | None = None
+    """Extension (TGI): in (0, 1), locally typical sampling."""
     seed: int | None = None
+    """With `n` > 1, choice i uses `seed + i`."""
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    """Extension (vLLM): token ids that end the answer like EOS (finish reason `stop`)."""
+    ignore_eos: bool = False
+    """Extension (vLLM): go on after EOS, up to `max_tokens`."""
+    min_tokens: int | None = None
+    """Extension (vLLM): no EOS, stop token or stop sequence ends the answer before this many
+    tokens."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = None
+    """Choices per prompt, each generated in its own slot."""
     logit_bias: dict[str, float] | None = None
+    """Token id (as text) -> value in [-100, 100] added to its logit before sampling;
+    log-probabilities stay the model's own."""
+    truncate_prompt_tokens: int | None = None
+    """Extension (vLLM): keep only the prompt's last tokens (as TGI's `truncate`)."""
     user: str | None = None
     """Accepted and ignored."""
 
 
 class ChatCompletionRequest(_Sampling):
+    refused: ClassVar[Mapping[str, Refused]] = {
+        **SHARED_REFUSED,
+        "functions": Refused(f": {TOOLS}"),
+        "function_call": Refused(f": {TOOLS}", ("none", "auto")),
+        "modalities": Refused(": this server answers with text only", (["text"],)),
+        "audio": Refused(": this server answers with text only"),
+        "prediction": Refused(": predicted outputs are not implemented"),
+        "web_search_options": Refused(": web search is not available"),
+        "echo": Refused(": echo is for /v1/completions"),
+        "add_special_tokens": Refused(
+            ": the chat template places every special token itself", (False,)
+        ),
+        "documents": Refused(": passing documents to the chat template is not implemented"),
+        "chat_template": Refused(": the model's own chat template is always used"),
+        "mm_processor_kwargs": Refused(": this server serves text models only"),
+    }
+
     messages: list[Message]
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
+    """Only `{"type": "text"}` until structured output is implemented."""
     tools: list[Any] | None = None
+    """Rendered by `/chat_tokenize`; refused for generation until tool calling is implemented."""
     tool_choice: Any = None
+    add_generation_prompt: bool = True
+    """Extension (vLLM): end the prompt with the template's assistant header."""
+    continue_final_message: bool = False
+    """Extension (vLLM): end the prompt inside the last (assistant) message, for the model to
+    continue it; needs `add_generation_prompt` false."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extension (vLLM): extra variables for the chat template (such as `enable_thinking`)."""
 
 
 class CompletionRequest(_Sampling):
+    refused: ClassVar[Mapping[str, Refused]] = {**SHARED_REFUSED}
+
     prompt: str | list[str]
     suffix: str | None = None
     echo: bool = False
+    """Put the prompt in front of each choice's text (and, with `logprobs`, its tokens with
+    their log-probabilities, the first one null)."""
     logprobs: int | None = None
     best_of: int | None = None
 
@@ -186,9 +279,12 @@ class ChatCompletionChunk(Answer):
 
 
 class CompletionLogprobs(Answer):
+    """The legacy format: parallel lists, one entry per token (with `echo`, the prompt's tokens
+    first, the very first without log-probabilities)."""
+
     tokens: list[str]
     token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float | None]]
+    top_logprobs: list[dict[str, float | None] | None]
     text_offset: list[int]
 
 
@@ -242,7 +338,9 @@ class ModelList(Answer):
 
 @dataclass(frozen=True)
 class Call:
-    """Validated OpenAI call: one engine request per prompt, and how to format the answers."""
+    """Validated OpenAI call: one engine request per choice, and how to format the answers.
+
+    Choices are numbered prompt by prompt: choice `i * n + j` is the j-th of prompt i."""
 
     kind: Literal["chat", "completion"]
     requests: list[GenerationRequest]
@@ -253,40 +351,126 @@ class Call:
     """Prepended to each choice's text (`echo`)."""
     id: str
     created: int
+    n: int = 1
+    """Choices per prompt: usage counts each prompt's tokens once."""
 
 
-def _sampling(ctx: ApiContext, body: _Sampling, top_n: int, top_n_name: str) -> Any:
-    if body.n not in (None, 1):
-        raise unsupported("n", ": ask for one choice per request")
-    if body.logit_bias:
-        raise unsupported("logit_bias")
+TEMPLATE_ARGUMENTS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
+"""`apply_chat_template`'s own arguments: not template variables, so not `chat_template_kwargs`."""
+
+
+def _sampling(ctx: ApiContext, body: _Sampling, top_n: int, top_n_name: str) -> SamplingParams:
+    if body.n is not None and body.n < 1:
+        raise ValidationError("`n` must be >= 1")
     if body.top_p is not None and not 0 < body.top_p <= 1:
         raise ValidationError("`top_p` must be > 0.0 and <= 1.0")
     if body.temperature is not None and body.temperature < 0:
         raise ValidationError("`temperature` must be >= 0")
+    if body.top_k is not None and body.top_k < -1:
+        raise ValidationError("`top_k` must be -1 or 0 (off), or strictly positive")
+    if body.stream_options is not None and not body.stream:
+        raise ValidationError("`stream_options` needs `stream` set to true")
     greedy = body.temperature == 0
     return sampling_params(
         ctx,
         do_sample=not greedy,
         temperature=None if greedy else body.temperature,
+        top_k=body.top_k if body.top_k not in (None, 0, -1) else None,
         top_p=None if body.top_p == 1 else body.top_p,
+        min_p=body.min_p,
+        typical_p=body.typical_p,
         repetition_penalty=body.repetition_penalty,
         frequency_penalty=body.frequency_penalty,
         presence_penalty=body.presence_penalty,
         seed=body.seed,
         top_n_tokens=top_n,
         top_n_name=top_n_name,
+        logit_bias=body.logit_bias,
+        min_tokens=body.min_tokens,
     )
 
 
-def render_chat(ctx: ApiContext, body: ChatCompletionRequest) -> str:
-    """The prompt text: the tokenizer's chat template with the generation prompt appended."""
+def _stop_token_ids(ctx: ApiContext, body: _Sampling) -> frozenset[int]:
+    ids = frozenset(body.stop_token_ids or ())
+    if any(not 0 <= i < ctx.vocab_size for i in ids):
+        raise ValidationError(f"`stop_token_ids` must be token ids below {ctx.vocab_size}")
+    return ids
+
+
+def _truncate(ctx: ApiContext, body: _Sampling) -> int | None:
+    """vLLM's `truncate_prompt_tokens` as TGI's `truncate` (-1: the longest prompt allowed)."""
+    if body.truncate_prompt_tokens == -1:
+        return ctx.settings.max_input_tokens
+    return body.truncate_prompt_tokens
+
+
+def _choices(
+    ctx: ApiContext,
+    body: _Sampling,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    max_new: int | None,
+    max_new_name: str,
+    decoder_input_details: bool = False,
+) -> list[GenerationRequest]:
+    """`n` engine requests per prompt; with a seed, choice j draws with `seed + j` (vLLM)."""
+    n = body.n or 1
+    limit = ctx.settings.max_concurrent_requests
+    if len(prompts) * n > limit:
+        raise ValidationError(
+            f"`n` x prompts must be <= {limit} (MAX_CONCURRENT_REQUESTS). "
+            f"Given: {n} x {len(prompts)}"
+        )
+    stops = stop_sequences(ctx, body.stop)
+    stop_ids = _stop_token_ids(ctx, body)
+    requests = []
+    for prompt_ids in prompts:
+        for j in range(n):
+            seeded = params if params.seed is None or j == 0 else _reseed(params, params.seed + j)
+            requests.append(
+                request(
+                    ctx,
+                    prompt_ids,
+                    max_new,
+                    seeded,
+                    stops,
+                    decoder_input_details=decoder_input_details,
+                    max_new_tokens_name=max_new_name,
+                    ignore_eos=body.ignore_eos,
+                    stop_token_ids=stop_ids,
+                )
+            )
+    return requests
+
+
+def _reseed(params: SamplingParams, seed: int) -> SamplingParams:
+    return dataclasses.replace(params, seed=seed % 2**64)
+
+
+def template_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The messages as `transformers`' `apply_chat_template` documents them: text content,
+    assistant `tool_calls` with their arguments as objects, `tool` turns with their
+    `tool_call_id`."""
     if not body.messages:
         raise ValidationError("`messages` cannot be empty")
-    if not getattr(ctx.tokenizer, "chat_template", None):
-        raise TemplateError(
-            "This model has no chat template: use /generate with a formatted prompt"
-        )
     messages = []
     for message in body.messages:
         content = message.content
@@ -294,42 +478,122 @@ def render_chat(ctx: ApiContext, body: ChatCompletionRequest) -> str:
             if any(part.type != "text" for part in content):
                 raise unsupported("messages.content", " for parts other than text")
             content = "".join(part.text or "" for part in content)
-        messages.append({"role": message.role, "content": content or ""})
+        item: dict[str, Any] = {"role": message.role, "content": content or ""}
+        if message.name is not None:
+            item["name"] = message.name
+        if message.tool_calls:
+            item["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": _arguments(call.function.arguments),
+                    },
+                }
+                for call in message.tool_calls
+            ]
+        if message.tool_call_id is not None:
+            item["tool_call_id"] = message.tool_call_id
+        messages.append(item)
+    return messages
+
+
+def _arguments(arguments: str | dict[str, Any]) -> Any:
+    """OpenAI sends a call's arguments as JSON text; templates expect an object (vLLM parses it
+    likewise). Text that is not JSON is passed on as it is."""
+    if isinstance(arguments, dict):
+        return arguments
     try:
-        return ctx.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+def render_chat(ctx: ApiContext, body: ChatCompletionRequest) -> str:
+    """The prompt text: the tokenizer's chat template over the messages (and `tools`), with
+    the generation prompt appended unless the request says otherwise."""
+    messages = template_messages(body)
+    if not getattr(ctx.tokenizer, "chat_template", None):
+        raise TemplateError(
+            "This model has no chat template: use /generate with a formatted prompt"
+        )
+    if body.continue_final_message and body.add_generation_prompt:
+        raise ValidationError(
+            "`continue_final_message` needs `add_generation_prompt` set to false: the prompt "
+            "either continues the last message or opens a new one"
+        )
+    if body.continue_final_message and messages[-1]["role"] != "assistant":
+        raise ValidationError(
+            "`continue_final_message` needs the last message to be the assistant's"
+        )
+    extra = dict(body.chat_template_kwargs or {})
+    clashing = sorted(TEMPLATE_ARGUMENTS & extra.keys())
+    if clashing:
+        raise ValidationError(
+            f"`chat_template_kwargs` may not set {', '.join(clashing)}: "
+            "use the request's own fields"
+        )
+    try:
+        text = ctx.tokenizer.apply_chat_template(
+            messages,
+            tools=body.tools or None,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            tokenize=False,
+            **extra,
         )
     except Exception as exc:  # jinja2 errors, including the template's own raise_exception
         raise TemplateError(f"Could not apply the chat template: {exc}") from None
+    _check_rendered(text, messages)
+    return text
+
+
+def _check_rendered(text: str, messages: list[dict[str, Any]]) -> None:
+    """A template that does not know tool calls or tool results drops them without a word;
+    refuse the conversation instead of answering as if they had not happened."""
+    for index, message in enumerate(messages):
+        for call in message.get("tool_calls", ()):
+            if call["function"]["name"] not in text:
+                raise TemplateError(
+                    f"This model's chat template does not render tool calls: the call to "
+                    f"`{call['function']['name']}` in `messages[{index}]` would be lost"
+                )
+        if message["role"] == "tool" and message["content"].strip() not in text:
+            raise TemplateError(
+                f"This model's chat template does not render tool results: `messages[{index}]` "
+                "would be lost"
+            )
 
 
 def validate_chat(ctx: ApiContext, body: ChatCompletionRequest) -> Call:
     if body.tools:
-        raise unsupported("tools", ": tool calling is not implemented")
+        raise unsupported("tools", f": {TOOLS}")
     if body.tool_choice not in (None, "none", "auto"):
-        raise unsupported("tool_choice", ": tool calling is not implemented")
+        raise unsupported("tool_choice", f": {TOOLS}")
     if body.response_format not in (None, {"type": "text"}):
-        raise unsupported("response_format", ": constrained generation is not implemented")
+        raise unsupported("response_format", f": {STRUCTURED}")
     if body.top_logprobs is not None and not body.logprobs:
         raise ValidationError("`top_logprobs` needs `logprobs` set to true")
     if body.logprobs and ctx.on_device_sampling:
         raise on_device_sampling_error("logprobs")
     params = _sampling(ctx, body, top_n=body.top_logprobs or 0, top_n_name="top_logprobs")
-    stops = stop_sequences(ctx, body.stop)
-    prompt_ids = encode(ctx, render_chat(ctx, body), None, add_special_tokens=False)
+    prompt_ids = encode(ctx, render_chat(ctx, body), _truncate(ctx, body), add_special_tokens=False)
     if body.max_completion_tokens is not None:
         max_new, name = body.max_completion_tokens, "max_completion_tokens"
     else:
         max_new, name = body.max_tokens, "max_tokens"
+    requests = _choices(ctx, body, [prompt_ids], params, max_new, name)
     return Call(
         kind="chat",
-        requests=[request(ctx, prompt_ids, max_new, params, stops, max_new_tokens_name=name)],
+        requests=requests,
         model=body.model or ctx.model_id,
         logprobs=body.logprobs,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        prefixes=[""],
+        prefixes=[""] * len(requests),
         id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
+        n=body.n or 1,
     )
 
 
@@ -347,28 +611,34 @@ def validate_completion(ctx: ApiContext, body: CompletionRequest) -> Call:
             f"`prompt` may hold at most {limit} prompts (MAX_CLIENT_BATCH_SIZE). "
             f"Given: {len(prompts)}"
         )
+    echo_logprobs = body.echo and body.logprobs is not None
+    if echo_logprobs and body.stream:
+        raise ValidationError("`echo` with `logprobs` is not supported when streaming")
+    if echo_logprobs and ctx.on_device_sampling:
+        raise on_device_sampling_error("logprobs")
     params = _sampling(ctx, body, top_n=body.logprobs or 0, top_n_name="logprobs")
-    stops = stop_sequences(ctx, body.stop)
-    requests = [
-        request(
-            ctx,
-            encode(ctx, p, None, add_special_tokens=True),
-            body.max_tokens,
-            params,
-            stops,
-            max_new_tokens_name="max_tokens",
-        )
-        for p in prompts
-    ]
+    truncate = _truncate(ctx, body)
+    encoded = [encode(ctx, p, truncate, add_special_tokens=True) for p in prompts]
+    requests = _choices(
+        ctx,
+        body,
+        encoded,
+        params,
+        body.max_tokens,
+        "max_tokens",
+        decoder_input_details=echo_logprobs,
+    )
+    n = body.n or 1
     return Call(
         kind="completion",
         requests=requests,
         model=body.model or ctx.model_id,
         logprobs=body.logprobs is not None,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        prefixes=prompts if body.echo else [""] * len(prompts),
+        prefixes=[p for p in prompts for _ in range(n)] if body.echo else [""] * len(requests),
         id=f"cmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
+        n=n,
     )
 
 
@@ -387,22 +657,31 @@ def _chat_logprob(t: Token, top: list[Token]) -> dict[str, Any]:
     }
 
 
-def _completion_logprobs(events: list[TokenEvent], offset: int) -> dict[str, Any]:
-    """The legacy completions format: parallel lists plus text offsets."""
+def _completion_logprobs(
+    tokens: list[Token], tops: list[list[Token]], offset: int, first_unscored: bool = False
+) -> dict[str, Any]:
+    """The legacy completions format: parallel lists plus text offsets from `offset`.
+    `first_unscored`: the first token is the prompt's first, which has no log-probability."""
     text_offset = []
-    for event in events:
+    for token in tokens:
         text_offset.append(offset)
-        offset += 0 if event.token.special else len(event.token.text)
+        offset += 0 if token.special else len(token.text)
+    top: list[dict[str, float | None] | None] = [
+        {t.text: finite(t.logprob) for t in alternatives} for alternatives in tops
+    ]
+    if first_unscored and top:
+        top[0] = None
     return {
-        "tokens": [e.token.text for e in events],
-        "token_logprobs": [finite(e.token.logprob) for e in events],
-        "top_logprobs": [{t.text: finite(t.logprob) for t in e.top_tokens} for e in events],
+        "tokens": [t.text for t in tokens],
+        "token_logprobs": [finite(t.logprob) for t in tokens],
+        "top_logprobs": top,
         "text_offset": text_offset,
     }
 
 
-def _usage(finals: list[FinalEvent]) -> dict[str, int]:
-    prompt = sum(f.prompt_tokens for f in finals)
+def _usage(finals: list[FinalEvent], n: int) -> dict[str, int]:
+    """Each prompt's tokens count once, whatever its number of choices."""
+    prompt = sum(f.prompt_tokens for f in finals[::n])
     completion = sum(f.generated_tokens for f in finals)
     return {
         "prompt_tokens": prompt,
@@ -442,15 +721,23 @@ def response(
         else:
             prefix = call.prefixes[index]
             choice["text"] = prefix + final.text
-            choice["logprobs"] = (
-                _completion_logprobs(tokens, len(prefix)) if call.logprobs else None
-            )
+            choice["logprobs"] = None
+            if call.logprobs:
+                echoed = call.requests[index].decoder_input_details
+                prompt = final.prefill if echoed else []
+                prompt_tops = final.prefill_top if echoed else []
+                choice["logprobs"] = _completion_logprobs(
+                    prompt + [e.token for e in tokens],
+                    prompt_tops + [e.top_tokens for e in tokens],
+                    0 if echoed else len(prefix),
+                    first_unscored=echoed,
+                )
         choice["finish_reason"] = FINISH_REASONS[final.finish_reason]
         choices.append(choice)
     return {
         **_envelope(call, False, fingerprint),
         "choices": choices,
-        "usage": _usage([final for _, final in results]),
+        "usage": _usage([final for _, final in results], call.n),
     }
 
 
@@ -461,6 +748,7 @@ def stream(call: Call, streams: list[Iterator[Event]], fingerprint: str) -> Iter
     envelope = _envelope(call, True, fingerprint)
     for index, events in enumerate(streams):
         first = True
+        offset = len(call.prefixes[index])
         if call.kind == "completion" and call.prefixes[index]:
             yield sse({**envelope, "choices": [_text_choice(index, call.prefixes[index], None)]})
         for event in events:
@@ -494,10 +782,15 @@ def stream(call: Call, streams: list[Iterator[Event]], fingerprint: str) -> Iter
                 }
             else:
                 choice = _text_choice(index, text, finish)
+                if call.logprobs:
+                    choice["logprobs"] = _completion_logprobs(
+                        [event.token], [event.top_tokens], offset
+                    )
+                offset += len(text)
             first = False
             yield sse({**envelope, "choices": [choice]})
     if call.include_usage:
-        yield sse({**envelope, "choices": [], "usage": _usage(finals)})
+        yield sse({**envelope, "choices": [], "usage": _usage(finals, call.n)})
     yield SSE_DONE
 
 

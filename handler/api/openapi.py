@@ -49,8 +49,8 @@ class Route:
     """Schema of the 200 JSON answer: a model, `list[model]`, or a tuple of alternatives."""
     events: tuple[type[pydantic.BaseModel], ...] = ()
     """Schemas of the events of a 200 `text/event-stream` answer."""
-    text: bool = False
-    """The 200 answer is `text/plain`."""
+    text: str = ""
+    """The media type of a 200 answer that is text, not JSON (`text/plain`, `text/html`...)."""
     errors: tuple[int, ...] = (401,)
     headers: tuple[str, ...] = ()
     """Request headers the route reads."""
@@ -139,8 +139,28 @@ ROUTES = (
     ),
     Route("get", "/info", "Model, limits and server information", json=tgi.Info),
     Route("get", "/v1/models", "The served model", json=openai.ModelList, errors=(401, 503)),
-    Route("get", "/metrics", "Prometheus metrics under TGI's names", text=True),
+    Route("get", "/metrics", "Prometheus metrics under TGI's names", text="text/plain"),
     Route("get", "/openapi.json", "This document", json=dict[str, Any]),
+    # Swagger UI (handler/server/docs.py): public, and never an error of its own.
+    Route(
+        "get", "/docs", "Swagger UI over this document", text="text/html", errors=(), public=True
+    ),
+    Route(
+        "get",
+        "/docs/swagger-ui-bundle.js",
+        "Swagger UI's script, from the bundled package",
+        text="text/javascript",
+        errors=(),
+        public=True,
+    ),
+    Route(
+        "get",
+        "/docs/swagger-ui.css",
+        "Swagger UI's stylesheet, from the bundled package",
+        text="text/css",
+        errors=(),
+        public=True,
+    ),
     *(
         Route(
             "get",
@@ -230,7 +250,7 @@ def _responses(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
             }
         }
     if route.text:
-        content["text/plain"] = {"schema": {"type": "string"}}
+        content[route.text] = {"schema": {"type": "string"}}
     responses: dict[str, Any] = {"200": {"description": "OK", "content": content}}
     error = {"application/json": {"schema": _schema(ErrorResponse, schemas)}}
     for status in sorted(route.errors):

@@ -14,9 +14,9 @@ from typing import Any, Literal
 import pydantic
 
 from handler.api.common import (
-    STRICT,
     Answer,
     ApiContext,
+    WireRequest,
     encode,
     finite,
     on_device_sampling_error,
@@ -38,11 +38,9 @@ from handler.generation.request import (
 )
 
 
-class GenerateParameters(pydantic.BaseModel):
+class GenerateParameters(WireRequest):
     """Every parameter of TGI's generate schema. Not implemented, and rejected when used:
     `best_of` > 1, `grammar`, `watermark`, `adapter_id`."""
-
-    model_config = STRICT
 
     best_of: int | None = None
     """Only 1 (or nothing)."""
@@ -61,7 +59,9 @@ class GenerateParameters(pydantic.BaseModel):
     repetition_penalty: float | None = None
     """Above 0 (clamped into [1e-4, 1e4]); 1 is none."""
     return_full_text: bool | None = None
-    """Put the prompt in front of `generated_text`."""
+    """Put the prompt in front of `generated_text`. Default: false on `/generate` and
+    `/generate_stream`; true on POST `/` and `/invocations`, as TGI's router does for a model
+    whose pipeline tag is `text-generation` (or has none)."""
     seed: int | None = None
     """In [0, 2^64) when sampling: the same seed gives the same text."""
     stop: list[str] = pydantic.Field(default_factory=list)
@@ -84,9 +84,7 @@ class GenerateParameters(pydantic.BaseModel):
     """Not implemented: refused."""
 
 
-class GenerateRequest(pydantic.BaseModel):
-    model_config = STRICT
-
+class GenerateRequest(WireRequest):
     inputs: str
     """The prompt, at most `max_input_tokens` tokens (unless `truncate`)."""
     parameters: GenerateParameters | None = None
@@ -210,7 +208,10 @@ class Generate:
     """Prepended to `generated_text` (the prompt, with `return_full_text`)."""
 
 
-def validate(ctx: ApiContext, body: GenerateRequest, streaming: bool) -> Generate:
+def validate(
+    ctx: ApiContext, body: GenerateRequest, streaming: bool, full_text: bool = False
+) -> Generate:
+    """`full_text`: the route's default for `return_full_text` (true on TGI's compat routes)."""
     # Without `parameters` TGI samples by default; with them, only when asked.
     params = body.parameters or GenerateParameters(do_sample=True)
     best_of = params.best_of
@@ -254,8 +255,12 @@ def validate(ctx: ApiContext, body: GenerateRequest, streaming: bool) -> Generat
     return Generate(
         generation,
         details=params.details,
-        prefix=body.inputs if params.return_full_text else "",
+        prefix=body.inputs if _choose(params.return_full_text, full_text) else "",
     )
+
+
+def _choose(given: bool | None, default: bool) -> bool:
+    return default if given is None else given
 
 
 def token(t: Token) -> dict[str, Any]:

@@ -234,16 +234,18 @@ class Generator:
 
     def _assign(self, slot: Slot, handle: RequestHandle) -> None:
         request = handle.request
-        seed = self.selector.assign(slot.index, request.params, request.prompt_ids)
+        eos = frozenset() if request.ignore_eos else self.eos_token_ids
+        end_ids = eos | request.stop_token_ids
+        seed = self.selector.assign(slot.index, request.params, request.prompt_ids, end_ids)
         self.backend.assign(slot.index, request.params)
         if self.on_device_sampling:
             seed = None
         stopping = StoppingCriteria(
             request.max_new_tokens,
             request.stop_sequences,
-            self.eos_token_ids,
+            end_ids,
             self.max_total_tokens,
-            ignore_eos=request.ignore_eos,
+            min_tokens=request.params.min_tokens,
         )
         slot.assign(handle, self.tokenizer, stopping, seed)
 
@@ -294,8 +296,9 @@ class Generator:
         for i, slot in enumerate(slots):
             slot.prefilled()
             if output.prompt_logits[i] is not None:
-                slot.prefill_tokens = self._prompt_tokens(
-                    slot.handle.request.prompt_ids, output.prompt_logits[i]
+                request = slot.handle.request
+                slot.prefill_tokens, slot.prefill_top = self._prompt_tokens(
+                    request.prompt_ids, output.prompt_logits[i], request.params.top_n_tokens
                 )
 
     @staticmethod
@@ -361,15 +364,27 @@ class Generator:
             self._token_text[token_id] = text
         return text
 
-    def _prompt_tokens(self, prompt_ids: list[int], logits: torch.Tensor) -> list[Token]:
-        """Prompt tokens with log P(token | preceding tokens). logits: `[prompt_len, vocab]`."""
-        logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
+    def _prompt_tokens(
+        self, prompt_ids: list[int], logits: torch.Tensor, top_n: int
+    ) -> tuple[list[Token], list[list[Token]]]:
+        """Prompt tokens with log P(token | preceding tokens), and at each position the `top_n`
+        most likely tokens (none at the first). logits: `[prompt_len, vocab]`."""
+        logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)  # [prompt_len - 1, vocab]
         following = torch.tensor(prompt_ids[1:], dtype=torch.long)[:, None]
         values = [None, *logprobs.gather(1, following)[:, 0].tolist()]
-        return [
+        tokens = [
             Token(id=i, text=self._text(i), logprob=lp, special=i in self.special_ids)
             for i, lp in zip(prompt_ids, values)
         ]
+        tops: list[list[Token]] = [[] for _ in prompt_ids]
+        if top_n and len(prompt_ids) > 1:
+            best, ids = logprobs.topk(top_n, dim=-1)
+            for position, (row_ids, row_best) in enumerate(zip(ids.tolist(), best.tolist()), 1):
+                tops[position] = [
+                    Token(i, self._text(i), lp, i in self.special_ids)
+                    for i, lp in zip(row_ids, row_best)
+                ]
+        return tokens, tops
 
     def _emit(self, slots: list[Slot], selection: Selection) -> None:
         for slot, token_id, logprob, top in zip(
@@ -395,6 +410,7 @@ class Generator:
             prompt_tokens=len(handle.request.prompt_ids),
             seed=slot.seed,
             prefill=slot.prefill_tokens,
+            prefill_top=slot.prefill_top,
             queue_time=slot.started_at - handle.submitted_at,
             inference_time=now - slot.started_at,
         )

@@ -24,6 +24,8 @@ class SamplingParams:
     top_k: int = 0
     """0: off."""
     top_p: float = 1.0
+    min_p: float = 0.0
+    """0: off. Keep tokens at least `min_p` times as likely as the most likely one."""
     typical_p: float = 1.0
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
@@ -31,6 +33,10 @@ class SamplingParams:
     seed: int | None = None
     top_n_tokens: int = 0
     """Alternatives reported with each token (their log-probabilities)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, value) pairs added to the logits before anything else (OpenAI `logit_bias`)."""
+    min_tokens: int = 0
+    """Tokens generated before an end token (EOS, `stop_token_ids`) or stop sequence may end it."""
 
     @property
     def sampling(self) -> bool:
@@ -40,6 +46,7 @@ class SamplingParams:
             or self.temperature != 1.0
             or self.top_k > 0
             or self.top_p < 1.0
+            or self.min_p > 0.0
             or self.typical_p < 1.0
         )
 
@@ -63,7 +70,9 @@ class GenerationRequest:
     decoder_input_details: bool = False
     """Report the prompt tokens with their log-probabilities."""
     ignore_eos: bool = False
-    """Generate `max_new_tokens` regardless of EOS (benchmarks)."""
+    """Generate `max_new_tokens` regardless of EOS."""
+    stop_token_ids: frozenset[int] = frozenset()
+    """Tokens that end the request like EOS does (vLLM's `stop_token_ids`)."""
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
 
 
@@ -97,6 +106,9 @@ class FinalEvent:
     seed: int | None
     prefill: list[Token]
     """Prompt tokens with log-probabilities when `decoder_input_details`, else empty."""
+    prefill_top: list[list[Token]]
+    """With `prefill`, each prompt position's `top_n_tokens` most likely tokens (none for the
+    first), else empty."""
     queue_time: float
     """Seconds between submission and the start of prefill."""
     inference_time: float

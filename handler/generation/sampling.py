@@ -1,17 +1,20 @@
 """Token selection, batched over slots with per-row parameters.
 
 Producing logits is the model's job; choosing the next token is this module's. One `select`
-call handles every active slot with tensor operations over `[n, vocab]`, in TGI's order:
-repetition penalty, frequency/presence penalties, temperature, top-k, top-p, typical-p, then a
-greedy argmax or a draw from the row's own seeded `torch.Generator`.
+call handles every active slot with tensor operations over `[n, vocab]`, in this order: the
+request's `logit_bias`, the ban on ending before `min_tokens`, repetition penalty,
+frequency/presence penalties (TGI's order), then temperature, top-k, top-p, min-p, typical-p
+(`transformers`' order), then a greedy argmax or a draw from the row's own seeded
+`torch.Generator`. Log-probabilities are always the model's own, before any of these.
 
 Full-vocabulary passes are what cost, so there are few of them: penalties touch only the tokens
 a row has seen (gathered from a `[batch, sequence_length]` table of seen ids), log-probabilities
-come from one `logsumexp`, and a row with top-k or top-p samples among its `CANDIDATES` largest
-logits (`topk`) instead of sorting the vocabulary; a row whose nucleus is wider than that falls
-back to an exact full sort. Sampling draws one uniform number per row and inverts the row's
-cumulative distribution, so the draw depends only on the row's own generator and distribution:
-a seeded request gives the same tokens alone or in a full batch.
+come from one `logsumexp`, and a row with top-k, top-p or min-p samples among its `CANDIDATES`
+largest logits (`topk`) instead of sorting the vocabulary; a row whose kept set is wider falls
+back to an exact full sort through the same truncation rule (`_keep`). Sampling draws one
+uniform number per row and inverts the row's cumulative distribution, so the draw depends only
+on the row's own generator and distribution: a seeded request gives the same tokens alone or in
+a full batch.
 """
 
 from __future__ import annotations
@@ -49,10 +52,17 @@ class TokenSelector:
         self.temperature = torch.ones(batch_size)
         self.top_k = torch.zeros(batch_size, dtype=torch.long)
         self.top_p = torch.ones(batch_size)
+        self.min_p = torch.zeros(batch_size)
         self.typical_p = torch.ones(batch_size)
         self.repetition = torch.ones(batch_size)
         self.frequency = torch.zeros(batch_size)
         self.presence = torch.zeros(batch_size)
+        self.bias: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * batch_size
+        """Per slot, `logit_bias` as (`[b]` token ids, `[b]` additive values), or None."""
+        self.banned: list[torch.Tensor | None] = [None] * batch_size
+        """Per slot, `[e]` ids that may not be chosen yet (the end tokens, before `min_tokens`)."""
+        self.banned_steps = [0] * batch_size
+        """Per slot, how many more tokens `banned` holds for."""
         self.sequence_length = sequence_length
         self.counts: torch.Tensor | None = None
         """`[batch_size, vocab]` occurrences of each token in prompt + output, allocated on first
@@ -62,8 +72,15 @@ class TokenSelector:
         `seen_len[row]` entries; the rest repeat the first one)."""
         self.seen_len = torch.zeros(batch_size, dtype=torch.long)
 
-    def assign(self, slot: int, params: SamplingParams, prompt_ids: list[int]) -> int | None:
-        """Set up a slot for a request; return the seed used when it samples."""
+    def assign(
+        self,
+        slot: int,
+        params: SamplingParams,
+        prompt_ids: list[int],
+        end_ids: frozenset[int] = frozenset(),
+    ) -> int | None:
+        """Set up a slot for a request; return the seed used when it samples. `end_ids` are the
+        tokens that would end it (EOS, `stop_token_ids`): banned for its first `min_tokens`."""
         seed = None
         generator = None
         if params.sampling:
@@ -74,10 +91,19 @@ class TokenSelector:
         self.temperature[slot] = params.temperature if params.sampling else 1.0
         self.top_k[slot] = params.top_k
         self.top_p[slot] = params.top_p
+        self.min_p[slot] = params.min_p
         self.typical_p[slot] = params.typical_p
         self.repetition[slot] = params.repetition_penalty
         self.frequency[slot] = params.frequency_penalty
         self.presence[slot] = params.presence_penalty
+        self.bias[slot] = None
+        if params.logit_bias:
+            ids, values = zip(*params.logit_bias)
+            self.bias[slot] = (torch.tensor(ids), torch.tensor(values, dtype=torch.float32))
+        self.banned[slot] = None
+        self.banned_steps[slot] = params.min_tokens if end_ids else 0
+        if self.banned_steps[slot]:
+            self.banned[slot] = torch.tensor(sorted(i for i in end_ids if i < self.vocab_size))
         if params.penalized:
             if self.counts is None:
                 batch = len(self.params)
@@ -94,6 +120,9 @@ class TokenSelector:
     def release(self, slot: int) -> None:
         self.params[slot] = None
         self.generators[slot] = None
+        self.bias[slot] = None
+        self.banned[slot] = None
+        self.banned_steps[slot] = 0
 
     @torch.inference_mode()
     def select(self, logits: torch.Tensor, slots: list[int]) -> Selection:
@@ -102,10 +131,13 @@ class TokenSelector:
         index = torch.tensor(slots, dtype=torch.long)
         logits = logits[:, : self.vocab_size].float()
         normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)  # [n, 1]
+        # Biases, bans and penalties are applied in place on the few positions they touch and
+        # undone afterwards (in reverse order): cheaper than copying `[n, vocab]`, and the
+        # log-probabilities below are the model's own.
+        edits = self._edit(logits, slots)
         penalized = self.counts is not None and any(p.penalized for p in params)
-        # Penalties are applied in place on the seen positions and undone afterwards: cheaper
-        # than copying `[n, vocab]`, and the log-probabilities below need the raw logits.
-        restore = self._penalize(logits, index) if penalized else None
+        if penalized:
+            edits.append(self._penalize(logits, index))
         sampled_rows = [i for i, p in enumerate(params) if p.sampling]
         if len(sampled_rows) == len(params):
             ids = self._sample(logits, index, slots)
@@ -116,8 +148,9 @@ class TokenSelector:
                 ids[rows] = self._sample(
                     logits[rows], index[rows], [slots[i] for i in sampled_rows]
                 )
-        if restore is not None:
-            logits.scatter_(1, *restore)
+        for rows, positions, raw in reversed(edits):
+            logits[rows, positions] = raw
+        if penalized:
             self._observe(index, ids)
         chosen = (logits.gather(1, ids[:, None]) - normalizer)[:, 0]
         top: list[list[tuple[int, float]]] = [[] for _ in params]
@@ -130,11 +163,27 @@ class TokenSelector:
                 top[i] = list(zip(indices[i][:n], values[i][:n]))
         return Selection(ids=ids.tolist(), logprobs=chosen.tolist(), top=top)
 
-    def _penalize(
-        self, scores: torch.Tensor, index: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _edit(self, scores: torch.Tensor, slots: list[int]) -> list[_Edit]:
+        """Add each row's `logit_bias` and ban its end tokens while `min_tokens` are pending,
+        in place. Returns what to restore. A step of a row counts against `min_tokens`."""
+        edits: list[_Edit] = []
+        for row, slot in enumerate(slots):
+            bias = self.bias[slot]
+            if bias is not None:
+                ids, values = bias
+                raw = scores[row, ids]
+                edits.append((row, ids, raw))
+                scores[row, ids] = raw + values
+            banned = self.banned[slot]
+            if banned is not None and self.banned_steps[slot] > 0:
+                edits.append((row, banned, scores[row, banned]))
+                scores[row, banned] = float("-inf")
+                self.banned_steps[slot] -= 1
+        return edits
+
+    def _penalize(self, scores: torch.Tensor, index: torch.Tensor) -> _Edit:
         """Apply repetition, frequency and presence penalties in place on each row's seen tokens
-        only. Returns `(positions, raw values)` to restore the scores with `scatter_`."""
+        only. Returns `(rows, positions, raw values)` to restore the scores."""
         width = int(self.seen_len[index].max())
         seen = self.seen[index, :width]  # [n, width]; padding repeats a real id
         counts = self.counts[index[:, None], seen]
@@ -146,7 +195,8 @@ class TokenSelector:
         values = values - self.frequency[index][:, None] * counts
         values = values - self.presence[index][:, None] * (counts > 0)
         scores.scatter_(1, seen, values)
-        return seen, raw
+        rows = torch.arange(len(index))[:, None].expand_as(seen)
+        return rows, seen, raw
 
     def _observe(self, index: torch.Tensor, ids: torch.Tensor) -> None:
         """Count the chosen tokens; record the ones a row had not seen yet."""
@@ -158,27 +208,43 @@ class TokenSelector:
             self.seen_len[rows] += 1
 
     def _sample(self, scores: torch.Tensor, index: torch.Tensor, slots: list[int]) -> torch.Tensor:
-        """Draw one token per row from the warped distribution. scores: `[m, vocab]`."""
+        """Draw one token per row from the warped distribution. scores: `[m, vocab]`.
+
+        Rows that truncate (top-k, top-p or min-p, without typical-p) draw among their largest
+        logits in descending order, the same order whatever their batch mates ask for; the
+        others draw over the whole vocabulary."""
         uniform = torch.stack([torch.rand((), generator=self.generators[s]) for s in slots])
         temperature = self.temperature[index]
-        top_k, top_p, typical_p = self.top_k[index], self.top_p[index], self.typical_p[index]
+        top_k, top_p, min_p = self.top_k[index], self.top_p[index], self.min_p[index]
+        typical_p = self.typical_p[index]
         ids = torch.empty(len(slots), dtype=torch.long)
-        truncated = ((top_k > 0) | (top_p < 1)) & (typical_p >= 1)
+        truncated = ((top_k > 0) | (top_p < 1) | (min_p > 0)) & (typical_p >= 1)
         full = (~truncated).nonzero()[:, 0]
         rows = truncated.nonzero()[:, 0]
-        if rows.numel():
+        vocab = scores.shape[-1]
+        k = min(vocab, max(CANDIDATES, int(top_k.max())))
+        while rows.numel():
             # Index rows only when they are a subset: `scores[rows]` copies `[m, vocab]`.
             subset = scores if rows.numel() == len(slots) else scores[rows]
-            picked, covered = self._sample_candidates(
-                subset, temperature[rows], top_k[rows], top_p[rows], uniform[rows]
-            )
-            ids[rows] = picked
-            full = torch.cat([full, rows[~covered]])
+            values, candidates = subset.topk(k, dim=-1)  # [r, k], descending
+            keep = _keep(subset, values, temperature[rows], top_k[rows], top_p[rows], min_p[rows])
+            covered = ~keep[:, -1] | ((top_k[rows] > 0) & (top_k[rows] <= k)) | (k == vocab)
+            scaled = values / temperature[rows][:, None]
+            weights = torch.exp(scaled - scaled[:, :1]) * keep
+            picked = candidates.gather(1, _invert(weights.cumsum_(dim=-1), uniform[rows])[:, None])
+            ids[rows] = picked[:, 0]
+            rows, k = rows[~covered], vocab  # the rest again, over the whole sorted vocabulary
         if full.numel():
             subset = scores if full.numel() == len(slots) else scores[full]
             warped = subset / temperature[full][:, None]
-            if bool(((top_k[full] > 0) | (top_p[full] < 1)).any()):
-                warped = self._truncate(warped, top_k[full], top_p[full])
+            limited = (top_k[full] > 0) | (top_p[full] < 1) | (min_p[full] > 0)
+            for row in limited.nonzero()[:, 0].tolist():
+                warped[row] = truncate(
+                    warped[row : row + 1],
+                    top_k[full][row : row + 1],
+                    top_p[full][row : row + 1],
+                    min_p[full][row : row + 1],
+                )[0]
             typical = (typical_p[full] < 1).nonzero()[:, 0]
             if typical.numel():
                 warped[typical] = _typical(warped[typical], typical_p[full][typical])
@@ -186,69 +252,51 @@ class TokenSelector:
             ids[full] = _invert(cdf, uniform[full])
         return ids
 
-    def _sample_candidates(
-        self,
-        scores: torch.Tensor,
-        temperature: torch.Tensor,
-        top_k: torch.Tensor,
-        top_p: torch.Tensor,
-        uniform: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k/top-p sampling among each row's largest logits. scores: `[m, vocab]`.
 
-        Returns the chosen ids `[m]` and whether each row's kept set fit in the candidates.
-        """
-        vocab = scores.shape[-1]
-        # Rows with a top-k need only their k largest; rows with top-p alone need a margin.
-        widest = int(top_k.max()) if bool((top_k > 0).all()) else max(CANDIDATES, int(top_k.max()))
-        k = min(vocab, widest)
-        values, candidates = scores.topk(k, dim=-1)  # [m, k], descending
-        values = values / temperature[:, None]
-        rank = torch.arange(k)[None, :]
-        in_top_k = (top_k[:, None] <= 0) | (rank < top_k[:, None])
-        kept = values.masked_fill(~in_top_k, float("-inf"))
-        # Probabilities after top-k: normalised over the top-k set, else over the vocabulary.
-        norm = torch.logsumexp(kept, dim=-1)
-        whole = (top_k <= 0) & (top_p < 1)
-        if bool(whole.any()):
-            scaled = scores[whole] / temperature[whole][:, None]
-            norm[whole] = torch.logsumexp(scaled, dim=-1)
-        probs = torch.exp(kept - norm[:, None])
-        before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely candidates
-        keep = (before < top_p[:, None]) & in_top_k
-        keep[:, 0] = True
-        covered = (top_k > 0) | (before[:, -1] + probs[:, -1] >= top_p)
-        cdf = (probs * keep).cumsum_(dim=-1)
-        return candidates.gather(1, _invert(cdf, uniform)[:, None])[:, 0], covered
+_Edit = tuple[int | torch.Tensor, torch.Tensor, torch.Tensor]
+"""(rows, positions, raw values) of an in-place change to a step's logits."""
 
-    def _truncate(
-        self, scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
-    ) -> torch.Tensor:
-        """Mask tokens outside each row's top-k and then top-p set. scores: `[m, vocab]`."""
-        vocab = scores.shape[-1]
-        k = min(vocab, max(CANDIDATES, int(top_k.max())))
-        values = scores.topk(k, dim=-1).values  # [m, k], descending
-        rank = torch.arange(k)[None, :]
-        in_top_k = (top_k[:, None] <= 0) | (rank < top_k[:, None])
-        kept = values.masked_fill(~in_top_k, float("-inf"))
-        # Probabilities after top-k: normalised over the top-k set, or the whole vocabulary.
-        full_norm = torch.logsumexp(scores, dim=-1)
-        topk_norm = torch.logsumexp(kept, dim=-1)
-        norm = torch.where(top_k > 0, topk_norm, full_norm)
-        probs = torch.exp(kept - norm[:, None])
-        before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely candidates
-        keep = (before < top_p[:, None]) & in_top_k
-        keep[:, 0] = True
-        last = keep.sum(dim=-1) - 1
-        threshold = values.gather(1, last[:, None])
-        # A row whose nucleus may reach past the candidates needs an exact full sort.
-        covered = (
-            (before[:, -1] + probs[:, -1] >= top_p) | ((top_k > 0) & (top_k <= k)) | (top_p >= 1)
-        )
-        out = scores.masked_fill(scores < threshold, float("-inf"))
-        for row in (~covered).nonzero()[:, 0].tolist():
-            out[row] = _exact_truncate(scores[row], int(top_k[row]), float(top_p[row]))
-        return out
+
+def _keep(
+    scores: torch.Tensor,
+    values: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+) -> torch.Tensor:
+    """The one truncation rule: which of each row's largest logits survive top-k, then top-p,
+    then min-p (as `transformers`' warpers in that order). scores: `[m, vocab]` raw logits;
+    values: `[m, k]` the largest of them, descending. Returns `[m, k]` bool, a prefix per row
+    (the first candidate is always kept).
+
+    Top-p's probabilities are normalised over the top-k set when a row has a top-k, else over
+    the whole vocabulary; min-p keeps what is at least `min_p` times as likely as the best."""
+    k = values.shape[-1]
+    scaled = values / temperature[:, None]
+    in_top_k = (top_k[:, None] <= 0) | (torch.arange(k)[None, :] < top_k[:, None])
+    kept = scaled.masked_fill(~in_top_k, float("-inf"))
+    norm = torch.logsumexp(kept, dim=-1)
+    whole = (top_k <= 0) & (top_p < 1)
+    if bool(whole.any()):
+        norm[whole] = torch.logsumexp(scores[whole] / temperature[whole][:, None], dim=-1)
+    probs = torch.exp(kept - norm[:, None])
+    before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely candidates
+    keep = in_top_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1))
+    keep &= scaled >= scaled[:, :1] + torch.log(min_p)[:, None]  # log(0) = -inf keeps all
+    keep[:, 0] = True
+    return keep
+
+
+def truncate(
+    scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """`scores` `[m, vocab]` (already divided by the temperature) with every token outside each
+    row's top-k / top-p / min-p set at -inf: `_keep` over a full sort."""
+    values, order = scores.sort(dim=-1, descending=True)
+    keep = _keep(scores, values, torch.ones(len(scores)), top_k, top_p, min_p)
+    mask = torch.zeros_like(keep).scatter_(1, order, keep)
+    return scores.masked_fill(~mask, float("-inf"))
 
 
 def _invert(cdf: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -256,22 +304,6 @@ def _invert(cdf: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     target = (uniform * cdf[:, -1])[:, None]
     index = torch.searchsorted(cdf, target, right=True)[:, 0]
     return index.clamp_(max=cdf.shape[-1] - 1)
-
-
-def _exact_truncate(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Top-k then top-p on one row `[vocab]` with a full sort (rare fallback)."""
-    if top_k > 0:
-        threshold = scores.topk(min(top_k, scores.numel())).values[-1]
-        scores = scores.masked_fill(scores < threshold, float("-inf"))
-    if top_p < 1:
-        values, order = scores.sort(descending=True)
-        probs = values.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs
-        remove = before >= top_p
-        remove[0] = False
-        scores = scores.clone()
-        scores[order[remove]] = float("-inf")
-    return scores
 
 
 def _typical(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:

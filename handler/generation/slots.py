@@ -42,6 +42,7 @@ class Slot:
         self.text_parts: list[str] = []
         self.seed: int | None = None
         self.prefill_tokens: list[Token] = []
+        self.prefill_top: list[list[Token]] = []
         self.started_at = 0.0
 
     def _expect(self, *states: SlotState) -> None:
@@ -64,6 +65,7 @@ class Slot:
         self.text_parts = []
         self.seed = seed
         self.prefill_tokens = []
+        self.prefill_top = []
         self.started_at = time.monotonic()
 
     def prefilled(self) -> None:

@@ -20,21 +20,25 @@ class StoppingCriteria:
         self,
         max_new_tokens: int,
         stop_sequences: list[str],
-        eos_token_ids: frozenset[int],
+        end_token_ids: frozenset[int],
         max_total_tokens: int,
-        ignore_eos: bool = False,
+        min_tokens: int = 0,
     ) -> None:
+        """`end_token_ids`: tokens that end the request (EOS unless ignored, `stop_token_ids`);
+        neither they nor a stop sequence end it before `min_tokens` tokens."""
         self.max_new_tokens = max_new_tokens
         self.stop_sequences = [s for s in stop_sequences if s]
-        self.eos_token_ids = frozenset() if ignore_eos else eos_token_ids
+        self.end_token_ids = end_token_ids
         self.max_total_tokens = max_total_tokens
+        self.min_tokens = min_tokens
         self.text = ""
 
     def __call__(
         self, token_id: int, piece: str, generated: int, total: int
     ) -> FinishReason | None:
         """token_id/piece: the new token and its text; generated/total: counts including it."""
-        if token_id in self.eos_token_ids:
+        early = generated < self.min_tokens
+        if token_id in self.end_token_ids and not early:
             return FinishReason.EOS_TOKEN
         if piece and self.stop_sequences:
             start = len(self.text)
@@ -42,7 +46,7 @@ class StoppingCriteria:
             # A stop sequence may span the boundary between earlier text and the new piece.
             longest = max(len(s) for s in self.stop_sequences)
             window = self.text[max(0, start - longest + 1) :]
-            if any(stop in window for stop in self.stop_sequences):
+            if not early and any(stop in window for stop in self.stop_sequences):
                 return FinishReason.STOP_SEQUENCE
             self.text = self.text[-longest:]  # only a tail can still start a stop sequence
         if generated >= self.max_new_tokens or total >= self.max_total_tokens:

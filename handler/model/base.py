@@ -41,6 +41,11 @@ class ModelShape:
     """The KV cache's element type when it differs from `dtype`."""
     mixed_steps: bool = False
     """The backend has `mixed`: a decode step and a prefill in one forward (see `MixedBackend`)."""
+    prompt_logprobs: bool = True
+    """`prefill` can return every prompt position's logits (`PrefillOutput.prompt_logits`), so
+    prompt log-probabilities (`decoder_input_details`, `echo` with `logprobs`) can be reported."""
+    max_top_k: int | None = None
+    """The largest `top_k` the model honours (a compiled on-device sampler's limit); None: any."""
 
 
 @dataclass

@@ -40,6 +40,7 @@ from handler.generation.request import (
     TokenEvent,
     collect,
 )
+from handler.server import docs
 from handler.server.metrics import CONTENT_TYPE, Metrics
 from handler.server.state import ServerState
 
@@ -228,13 +229,9 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
 
     def context() -> ApiContext:
         engine = state.require_engine()
-        shape = engine.backend.shape
-        return ApiContext(
-            settings=engine.settings,  # with the compiled shapes of an exported model
-            tokenizer=engine.tokenizer,
-            model_id=engine.model_id,
-            vocab_size=shape.vocab_size,
-            on_device_sampling=getattr(shape, "on_device_sampling", False),
+        # engine.settings: with the compiled shapes of an exported model
+        return ApiContext.of(
+            engine.settings, engine.tokenizer, engine.model_id, engine.backend.shape
         )
 
     def body() -> Any:
@@ -328,10 +325,12 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
     # --- generation --------------------------------------------------------------------------
 
     def generate(data: Any, route: str, streaming: bool, as_list: bool) -> Response:
+        """`as_list`: TGI's compat routes (POST `/`, `/invocations`), which answer a list and
+        return the full text by default."""
         g.generation = True
         metrics.received()
         payload = parse(tgi.GenerateRequest, data)
-        call = tgi.validate(context(), payload, streaming)
+        call = tgi.validate(context(), payload, streaming, full_text=as_list)
         submitted = time.monotonic()
         (submission,) = submit(route, [call.request], streaming)
         if streaming:
@@ -407,6 +406,13 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
             )
         if isinstance(data, dict) and accept == "text/event-stream" and "stream" not in data:
             data = {**data, "stream": True}
+        if settings.messages_api_enabled:
+            if isinstance(data, dict) and "messages" not in data:
+                raise ValidationError(
+                    "MESSAGES_API_ENABLED is true: /invocations takes chat completion bodies "
+                    "(`messages`), as TGI's does; send generate bodies to /generate, or unset it"
+                )
+            return openai_call(data, "/invocations", chat=True)
         if isinstance(data, dict) and "inputs" in data:
             streaming = data.get("stream") is True
             return generate(data, "/invocations", streaming=streaming, as_list=True)
@@ -426,7 +432,16 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
         payload = parse(tgi.GenerateRequest, body())
         if not payload.inputs:
             raise ValidationError("`inputs` cannot be empty")
-        return json_response(tokenize(ctx, payload.inputs, add_special_tokens=True))
+        truncate = payload.parameters.truncate if payload.parameters else None
+        tokens = tokenize(ctx, payload.inputs, add_special_tokens=True)
+        if truncate is not None:
+            limit = ctx.settings.max_input_tokens
+            if not 0 < truncate <= limit:
+                raise ValidationError(
+                    f"`truncate` must be strictly positive and less than {limit}. Given: {truncate}"
+                )
+            tokens = tokens[-truncate:]
+        return json_response(tokens)
 
     @app.post("/chat_tokenize")
     def chat_tokenize_route() -> Response:
@@ -487,6 +502,8 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
     def openapi_route() -> Response:
         return json_response(openapi.document())
 
+    docs.register_docs(app)  # /docs: Swagger UI over /openapi.json
+
     @app.get("/ping")
     @app.get("/health")
     @app.get("/")
@@ -500,7 +517,10 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
     def before() -> None:
         g.received_at = time.monotonic()
         g.generation = False
-        if settings.api_key and request.path not in HEALTH_ROUTES and not _is_root_get():
+        public = (
+            request.path in HEALTH_ROUTES or request.path in docs.PUBLIC_PATHS or _is_root_get()
+        )
+        if settings.api_key and not public:
             supplied = request.headers.get("Authorization", "")
             expected = f"Bearer {settings.api_key}"
             if not hmac.compare_digest(supplied.encode(), expected.encode()):

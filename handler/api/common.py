@@ -26,6 +26,8 @@ from handler.model.base import ModelShape
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from handler.generation.grammar import Constraint
+
 logger = logging.getLogger("handler.api")
 
 Schema = TypeVar("Schema", bound=pydantic.BaseModel)
@@ -374,6 +376,7 @@ def request(
     max_new_tokens_name: str = "max_new_tokens",
     ignore_eos: bool = False,
     stop_token_ids: frozenset[int] = frozenset(),
+    constraint: Constraint | None = None,
 ) -> GenerationRequest:
     if decoder_input_details and not ctx.prompt_logprobs:
         raise ValidationError(
@@ -394,6 +397,7 @@ def request(
         decoder_input_details=decoder_input_details,
         ignore_eos=ignore_eos,
         stop_token_ids=stop_token_ids,
+        constraint=constraint,
     )
 
 

@@ -32,7 +32,9 @@ from handler.api.common import (
     stream_error,
     unsupported,
 )
+from handler.api.structured import check_compatible, openai_constraint
 from handler.errors import TemplateError, ValidationError
+from handler.generation.grammar import Constraint
 from handler.generation.request import (
     ErrorEvent,
     Event,
@@ -51,23 +53,8 @@ FINISH_REASONS = {
 }
 
 
-STRUCTURED = (
-    "structured output is not implemented yet: leave it out (JSON that must parse is not promised)"
-)
 TOOLS = "tool calling is not implemented yet"
 SHARED_REFUSED = {
-    **{
-        name: Refused(f": {STRUCTURED}")
-        for name in (
-            "guided_json",
-            "guided_regex",
-            "guided_choice",
-            "guided_grammar",
-            "guided_decoding_backend",
-            "guided_whitespace_pattern",
-            "structured_outputs",
-        )
-    },
     "use_beam_search": Refused(": beam search is not implemented"),
     "length_penalty": Refused(": it applies to beam search, which is not implemented", (1, 1.0)),
     "allowed_token_ids": Refused(": restricting the vocabulary is not implemented"),
@@ -79,7 +66,6 @@ SHARED_REFUSED = {
     "include_stop_str_in_output": Refused(
         ": a stop sequence always stays at the end of the text, as in TGI", (True,)
     ),
-    "response_format": Refused(f": {STRUCTURED}", ({"type": "text"},)),
 }
 """Undeclared fields, of OpenAI's API or vLLM's extensions, that would change the answer."""
 
@@ -154,6 +140,27 @@ class _Sampling(WireRequest):
     """Extension (vLLM): keep only the prompt's last tokens (as TGI's `truncate`)."""
     user: str | None = None
     """Accepted and ignored."""
+    response_format: dict[str, Any] | None = None
+    """`{"type": "text"}` (the default), `{"type": "json_object"}`, or `{"type":
+    "json_schema", "json_schema": {"name", "schema", "strict"}}`: the answer is JSON valid
+    against the schema (enforced whatever `strict` says)."""
+    structured_outputs: dict[str, Any] | None = None
+    """Extension (vLLM): one of `json` (a schema), `regex`, `choice` (a list of strings),
+    `grammar` (Lark or GBNF) or `json_object`; `whitespace_pattern` as
+    `guided_whitespace_pattern`."""
+    guided_json: Any = None
+    """Extension (vLLM, older name of `structured_outputs.json`)."""
+    guided_regex: str | None = None
+    """Extension (vLLM): the answer matches this regex in full."""
+    guided_choice: list[str] | None = None
+    """Extension (vLLM): the answer is one of these strings."""
+    guided_grammar: str | None = None
+    """Extension (vLLM): a Lark (llguidance) or GBNF grammar."""
+    guided_whitespace_pattern: str | None = None
+    """Extension (vLLM): whitespace allowed between JSON tokens (default: none, as
+    `json.dumps` separates items and keys)."""
+    guided_decoding_backend: str | None = None
+    """Extension (vLLM): `auto`, `guidance` or `llguidance` (the one this server runs)."""
 
 
 class ChatCompletionRequest(_Sampling):
@@ -178,8 +185,6 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
-    """Only `{"type": "text"}` until structured output is implemented."""
     tools: list[Any] | None = None
     """Rendered by `/chat_tokenize`; refused for generation until tool calling is implemented."""
     tool_choice: Any = None
@@ -377,6 +382,25 @@ TEMPLATE_ARGUMENTS = frozenset(
 """`apply_chat_template`'s own arguments: not template variables, so not `chat_template_kwargs`."""
 
 
+def _constraint(ctx: ApiContext, body: _Sampling) -> Constraint | None:
+    """The request's structured output (response_format, structured_outputs, guided_*)."""
+    guided = {
+        name: getattr(body, name)
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+        if getattr(body, name) is not None
+    }
+    constraint = openai_constraint(
+        ctx,
+        body.response_format,
+        body.structured_outputs,
+        guided,
+        body.guided_whitespace_pattern,
+        body.guided_decoding_backend,
+    )
+    check_compatible(constraint, body.ignore_eos, body.min_tokens or 0)
+    return constraint
+
+
 def _sampling(ctx: ApiContext, body: _Sampling, top_n: int, top_n_name: str) -> SamplingParams:
     if body.n is not None and body.n < 1:
         raise ValidationError("`n` must be >= 1")
@@ -430,8 +454,10 @@ def _choices(
     max_new: int | None,
     max_new_name: str,
     decoder_input_details: bool = False,
+    constraint: Constraint | None = None,
 ) -> list[GenerationRequest]:
-    """`n` engine requests per prompt; with a seed, choice j draws with `seed + j` (vLLM)."""
+    """`n` engine requests per prompt; with a seed, choice j draws with `seed + j` (vLLM).
+    Each request gets its own copy of `constraint` (grammar state is per request)."""
     n = body.n or 1
     limit = ctx.settings.max_concurrent_requests
     if len(prompts) * n > limit:
@@ -456,6 +482,13 @@ def _choices(
                     max_new_tokens_name=max_new_name,
                     ignore_eos=body.ignore_eos,
                     stop_token_ids=stop_ids,
+                    constraint=(
+                        None
+                        if constraint is None
+                        else constraint
+                        if not requests
+                        else constraint.copy()
+                    ),
                 )
             )
     return requests
@@ -571,8 +604,6 @@ def validate_chat(ctx: ApiContext, body: ChatCompletionRequest) -> Call:
         raise unsupported("tools", f": {TOOLS}")
     if body.tool_choice not in (None, "none", "auto"):
         raise unsupported("tool_choice", f": {TOOLS}")
-    if body.response_format not in (None, {"type": "text"}):
-        raise unsupported("response_format", f": {STRUCTURED}")
     if body.top_logprobs is not None and not body.logprobs:
         raise ValidationError("`top_logprobs` needs `logprobs` set to true")
     if body.logprobs and ctx.on_device_sampling:
@@ -583,7 +614,8 @@ def validate_chat(ctx: ApiContext, body: ChatCompletionRequest) -> Call:
         max_new, name = body.max_completion_tokens, "max_completion_tokens"
     else:
         max_new, name = body.max_tokens, "max_tokens"
-    requests = _choices(ctx, body, [prompt_ids], params, max_new, name)
+    constraint = _constraint(ctx, body)
+    requests = _choices(ctx, body, [prompt_ids], params, max_new, name, constraint=constraint)
     return Call(
         kind="chat",
         requests=requests,
@@ -627,6 +659,7 @@ def validate_completion(ctx: ApiContext, body: CompletionRequest) -> Call:
         body.max_tokens,
         "max_tokens",
         decoder_input_details=echo_logprobs,
+        constraint=_constraint(ctx, body),
     )
     n = body.n or 1
     return Call(

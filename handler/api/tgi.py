@@ -27,6 +27,7 @@ from handler.api.common import (
     stream_error,
     unsupported,
 )
+from handler.api.structured import tgi_grammar
 from handler.errors import ValidationError
 from handler.generation.request import (
     ErrorEvent,
@@ -40,7 +41,7 @@ from handler.generation.request import (
 
 class GenerateParameters(WireRequest):
     """Every parameter of TGI's generate schema. Not implemented, and rejected when used:
-    `best_of` > 1, `grammar`, `watermark`, `adapter_id`."""
+    `best_of` > 1, `watermark`, `adapter_id`."""
 
     best_of: int | None = None
     """Only 1 (or nothing)."""
@@ -53,7 +54,9 @@ class GenerateParameters(WireRequest):
     frequency_penalty: float | None = None
     """In [-2, 2]: lowers a token's logit by this much per occurrence so far."""
     grammar: Any = None
-    """Not implemented: refused."""
+    """Structured output, as TGI's router takes it: `{"type": "json", "value": <JSON schema>}`
+    (also `json_object`, and `json_schema` with `{"name", "schema"}`) or `{"type": "regex",
+    "value": <pattern>}`. The answer follows it; a grammar that ends ends the answer."""
     max_new_tokens: int | None = None
     """At least 1; prompt + new tokens at most `max_total_tokens`. Default: all that is left."""
     repetition_penalty: float | None = None
@@ -220,8 +223,6 @@ def validate(
             f"`best_of` must be > 0 and <= {ctx.settings.max_best_of}. "
             f"Given: {best_of} (best_of > 1 is not implemented by this server)"
         )
-    if params.grammar is not None:
-        raise unsupported("grammar", ": constrained generation is not implemented")
     if params.watermark:
         raise unsupported("watermark")
     if params.adapter_id:
@@ -244,6 +245,7 @@ def validate(
     )
     stops = stop_sequences(ctx, params.stop)
     prompt_ids = encode(ctx, body.inputs, params.truncate, add_special_tokens=True)
+    constraint = tgi_grammar(ctx, params.grammar) if params.grammar is not None else None
     generation = request(
         ctx,
         prompt_ids,
@@ -251,6 +253,7 @@ def validate(
         sampling,
         stops,
         decoder_input_details=params.decoder_input_details,
+        constraint=constraint,
     )
     return Generate(
         generation,

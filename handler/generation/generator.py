@@ -236,7 +236,9 @@ class Generator:
         request = handle.request
         eos = frozenset() if request.ignore_eos else self.eos_token_ids
         end_ids = eos | request.stop_token_ids
-        seed = self.selector.assign(slot.index, request.params, request.prompt_ids, end_ids)
+        seed = self.selector.assign(
+            slot.index, request.params, request.prompt_ids, end_ids, request.constraint
+        )
         self.backend.assign(slot.index, request.params)
         if self.on_device_sampling:
             seed = None
@@ -246,6 +248,7 @@ class Generator:
             end_ids,
             self.max_total_tokens,
             min_tokens=request.params.min_tokens,
+            constraint=request.constraint,
         )
         slot.assign(handle, self.tokenizer, stopping, seed)
 

@@ -8,9 +8,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from handler.errors import GenerationError, ServingError
 from handler.generation.stopping import FinishReason
+
+if TYPE_CHECKING:
+    from handler.generation.grammar import Constraint
 
 _ids = itertools.count(1)
 
@@ -73,6 +77,9 @@ class GenerationRequest:
     """Generate `max_new_tokens` regardless of EOS."""
     stop_token_ids: frozenset[int] = frozenset()
     """Tokens that end the request like EOS does (vLLM's `stop_token_ids`)."""
+    constraint: Constraint | None = None
+    """The grammar the output must follow (structured output, tool calls), compiled while
+    validating; the token selector masks every other token."""
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
 
 

@@ -2,7 +2,8 @@
 
 Producing logits is the model's job; choosing the next token is this module's. One `select`
 call handles every active slot with tensor operations over `[n, vocab]`, in this order: the
-request's `logit_bias`, the ban on ending before `min_tokens`, repetition penalty,
+request's `logit_bias`, the ban on ending before `min_tokens`, the grammar's allowed set
+(structured output: every other token at -inf), repetition penalty,
 frequency/presence penalties (TGI's order), then temperature, top-k, top-p, min-p, typical-p
 (`transformers`' order), then a greedy argmax or a draw from the row's own seeded
 `torch.Generator`. Log-probabilities are always the model's own, before any of these.
@@ -20,10 +21,12 @@ a full batch.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 
 import torch
 
+from handler.generation.grammar import Constraint, fill_masks
 from handler.generation.request import SamplingParams
 
 __all__ = ["CANDIDATES", "SamplingParams", "Selection", "TokenSelector"]
@@ -71,6 +74,15 @@ class TokenSelector:
         """`[batch_size, sequence_length]` distinct token ids each row has seen (first
         `seen_len[row]` entries; the rest repeat the first one)."""
         self.seen_len = torch.zeros(batch_size, dtype=torch.long)
+        self.constraints: list[Constraint | None] = [None] * batch_size
+        """Per slot, the grammar its output must follow, or None."""
+        self.end_ids: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long)] * batch_size
+        """Per slot, `[e]` tokens that end it: allowed when its grammar may end."""
+        self.bitmask = torch.zeros(batch_size, (vocab_size + 31) // 32, dtype=torch.int32)
+        """`[batch_size, words]` allowed-token bits of the constrained rows of a step."""
+        self.mask_seconds = 0.0
+        """Time spent computing and applying grammar masks (the benchmark reports it)."""
+        self.mask_steps = 0
 
     def assign(
         self,
@@ -78,9 +90,11 @@ class TokenSelector:
         params: SamplingParams,
         prompt_ids: list[int],
         end_ids: frozenset[int] = frozenset(),
+        constraint: Constraint | None = None,
     ) -> int | None:
         """Set up a slot for a request; return the seed used when it samples. `end_ids` are the
-        tokens that would end it (EOS, `stop_token_ids`): banned for its first `min_tokens`."""
+        tokens that would end it (EOS, `stop_token_ids`): banned for its first `min_tokens`, and
+        allowed by `constraint` (its grammar) exactly when the grammar may end."""
         seed = None
         generator = None
         if params.sampling:
@@ -100,6 +114,8 @@ class TokenSelector:
         if params.logit_bias:
             ids, values = zip(*params.logit_bias)
             self.bias[slot] = (torch.tensor(ids), torch.tensor(values, dtype=torch.float32))
+        self.constraints[slot] = constraint
+        self.end_ids[slot] = torch.tensor(sorted(i for i in end_ids if i < self.vocab_size))
         self.banned[slot] = None
         self.banned_steps[slot] = params.min_tokens if end_ids else 0
         if self.banned_steps[slot]:
@@ -123,6 +139,7 @@ class TokenSelector:
         self.bias[slot] = None
         self.banned[slot] = None
         self.banned_steps[slot] = 0
+        self.constraints[slot] = None
 
     @torch.inference_mode()
     def select(self, logits: torch.Tensor, slots: list[int]) -> Selection:
@@ -135,6 +152,9 @@ class TokenSelector:
         # undone afterwards (in reverse order): cheaper than copying `[n, vocab]`, and the
         # log-probabilities below are the model's own.
         edits = self._edit(logits, slots)
+        constrained = [i for i, s in enumerate(slots) if self.constraints[s] is not None]
+        if constrained:
+            edits.append(self._mask(logits, slots, constrained))
         penalized = self.counts is not None and any(p.penalized for p in params)
         if penalized:
             edits.append(self._penalize(logits, index))
@@ -152,6 +172,8 @@ class TokenSelector:
             logits[rows, positions] = raw
         if penalized:
             self._observe(index, ids)
+        for i in constrained:
+            self._advance(slots[i], int(ids[i]))
         chosen = (logits.gather(1, ids[:, None]) - normalizer)[:, 0]
         top: list[list[tuple[int, float]]] = [[] for _ in params]
         top_n = max(p.top_n_tokens for p in params)
@@ -180,6 +202,38 @@ class TokenSelector:
                 scores[row, banned] = float("-inf")
                 self.banned_steps[slot] -= 1
         return edits
+
+    def _mask(self, scores: torch.Tensor, slots: list[int], constrained: list[int]) -> _Edit:
+        """Set every token the row's grammar does not allow to -inf, in place, for the rows
+        `constrained` (indices into `slots`). The grammar's end token stands for all of the
+        row's end tokens. Returns what to restore."""
+        started = time.perf_counter()
+        constraints = [self.constraints[slots[i]] for i in constrained]
+        bitmask = self.bitmask[: len(constrained)]
+        fill_masks(constraints, bitmask)
+        vocab = scores.shape[-1]
+        allowed = unpack_bits(bitmask, vocab)  # [m, vocab]
+        for j, (i, constraint) in enumerate(zip(constrained, constraints)):
+            row = allowed[j]
+            ends = self.end_ids[slots[i]]
+            if bool(row[constraint.eos_id]) and ends.numel():
+                row[ends] = True
+            if not bool(row.any()):  # the grammar is in error: let the request end
+                row[constraint.eos_id] = True
+        rows = torch.tensor(constrained)
+        raw = scores[rows]
+        scores[rows] = raw.masked_fill(~allowed, float("-inf"))
+        self.mask_seconds += time.perf_counter() - started
+        self.mask_steps += 1
+        return rows[:, None], torch.arange(vocab)[None, :], raw
+
+    def _advance(self, slot: int, token_id: int) -> None:
+        """Move the slot's grammar past its chosen token (an end token as the grammar's own)."""
+        constraint = self.constraints[slot]
+        assert constraint is not None
+        if token_id in self.end_ids[slot].tolist():
+            token_id = constraint.eos_id
+        constraint.consume(token_id)
 
     def _penalize(self, scores: torch.Tensor, index: torch.Tensor) -> _Edit:
         """Apply repetition, frequency and presence penalties in place on each row's seen tokens
@@ -297,6 +351,19 @@ def truncate(
     keep = _keep(scores, values, torch.ones(len(scores)), top_k, top_p, min_p)
     mask = torch.zeros_like(keep).scatter_(1, order, keep)
     return scores.masked_fill(~mask, float("-inf"))
+
+
+_BITS = torch.bitwise_left_shift(
+    torch.ones(32, dtype=torch.int32), torch.arange(32, dtype=torch.int32)
+)
+"""`[32]` int32 with bit i set in entry i (entry 31 is the sign bit)."""
+
+
+def unpack_bits(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """`[n, words]` int32 bitmask (token id t is bit t % 32 of word t // 32) -> `[n, vocab]`
+    bool."""
+    bits = (bitmask[:, :, None] & _BITS) != 0  # [n, words, 32]
+    return bits.view(len(bitmask), -1)[:, :vocab]
 
 
 def _invert(cdf: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

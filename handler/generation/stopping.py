@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from handler.generation.grammar import Constraint
 
 
 class FinishReason(StrEnum):
@@ -23,14 +27,17 @@ class StoppingCriteria:
         end_token_ids: frozenset[int],
         max_total_tokens: int,
         min_tokens: int = 0,
+        constraint: Constraint | None = None,
     ) -> None:
         """`end_token_ids`: tokens that end the request (EOS unless ignored, `stop_token_ids`);
-        neither they nor a stop sequence end it before `min_tokens` tokens."""
+        neither they nor a stop sequence end it before `min_tokens` tokens. `constraint`: the
+        request's grammar, which ends it once it can take no more tokens (as EOS would)."""
         self.max_new_tokens = max_new_tokens
         self.stop_sequences = [s for s in stop_sequences if s]
         self.end_token_ids = end_token_ids
         self.max_total_tokens = max_total_tokens
         self.min_tokens = min_tokens
+        self.constraint = constraint
         self.text = ""
 
     def __call__(
@@ -39,6 +46,8 @@ class StoppingCriteria:
         """token_id/piece: the new token and its text; generated/total: counts including it."""
         early = generated < self.min_tokens
         if token_id in self.end_token_ids and not early:
+            return FinishReason.EOS_TOKEN
+        if self.constraint is not None and self.constraint.finished:
             return FinishReason.EOS_TOKEN
         if piece and self.stop_sequences:
             start = len(self.text)

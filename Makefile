@@ -88,9 +88,12 @@ bench-engine: install test-model
 bench-compile: install test-model
 	$(PYTHON) -m benchmarks.compile_step --out benchmarks/results/compile.json
 
-# End to end: our server (batch 8 and 16), the bare transformers ceiling and the SageMaker HF
-# toolkit peer (own virtual environment, created on first use; needs java), same prompts and
-# levels. About 15 minutes on 2 cores; run it on a quiet machine. bench-quick is a smoke run.
+# End to end: our server (batch 16, and 32 for C = 32), the bare transformers ceiling, the CPU
+# peers llama.cpp llama-server and vLLM CPU, and the SageMaker HF toolkit, same prompts, lengths,
+# levels and load generator. Each peer is installed on first use into its own virtual environment
+# under ~/.cache/hf-neuron-serving (llama.cpp compiles for ~22 minutes on 2 cores; the toolkit
+# needs java). Run it on a quiet machine. bench-quick is a smoke run; ARGS="--skip vllm,toolkit"
+# leaves systems out (ours, ceiling, llama.cpp, vllm, toolkit).
 .PHONY: bench bench-quick
 BENCH_STAMP := .make/bench-$(shell cat requirements-bench.txt | sha1sum | cut -c1-12)
 

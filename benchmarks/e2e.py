@@ -1,14 +1,29 @@
-"""End-to-end benchmark: our server, the ceiling and a real peer, in one run, on SmolLM2.
+"""End-to-end benchmark: our server, the ceiling and the peers, in one run, on SmolLM2.
 
-    python -m benchmarks.e2e                # what `make bench` runs (about 15 minutes)
+    python -m benchmarks.e2e                # what `make bench` runs
     python -m benchmarks.e2e --quick        # smoke run: levels 1 and 4, 16 new tokens
+    python -m benchmarks.e2e --quick --skip ours,ceiling,toolkit    # the CPU peers alone
 
-1. Our server over HTTP (`python -m handler serve`), once with `MAX_BATCH_SIZE=8` and once with
-   16: closed-loop levels of C streaming clients, then Poisson arrivals (`benchmarks.load`).
+Every server is measured with the same load generator (`benchmarks.load`): the same prompts,
+streaming `/v1/completions`, greedy (`temperature: 0`), `ignore_eos`, the same levels of C
+closed-loop clients. A server with `--batch-sizes` slots serves the levels up to its size (by
+default 16 slots for C = 1, 4, 8, 16 and 32 slots for C = 32), with `--max-total-tokens` tokens
+per slot (2,048: 16 x 2,048 is the issue's memory comparison).
+
+1. Our server over HTTP (`python -m handler serve`): a first start with an empty compile cache,
+   an eager start (compiled step off), then the restart with the cache, which is measured:
+   closed-loop levels, paired runs against the bare loop, then Poisson arrivals.
 2. The ceiling: the fastest bare `transformers` loop at batch = C, in the server's dtype
    (`benchmarks.ceiling`), plus the bare prefill of each prompt and the bare decode step.
-3. The peer: the SageMaker Hugging Face inference toolkit with MMS, one worker, over
-   POST `/invocations` (`benchmarks.peer`), the same levels.
+3. The CPU peers (`benchmarks.cpu_peers`, each installed into its own virtual environment on
+   first use): llama.cpp's `llama-server` (Q4_1 GGUF, `--parallel` slots) and vLLM's CPU build
+   (bf16, `--max-num-seqs`); each started twice (first start, restart) and measured.
+4. The SageMaker Hugging Face inference toolkit with MMS, one worker, over POST `/invocations`
+   (`benchmarks.peer`), levels up to 16 (it answers one request at a time).
+
+`--skip ours,ceiling,llama.cpp,vllm,toolkit` leaves any of them out; a peer that cannot be
+installed here (a Debian package missing without root, a failed build) is skipped with the
+reason in the report.
 
 The targets that compare our server with the bare loop (1, 3, 4) pair each of our measurements
 with the bare loop measured in this process just before it (`paired_runs`): on 2 shared cores
@@ -41,12 +56,22 @@ from transformers import AutoTokenizer
 
 from benchmarks import report as reporting
 from benchmarks.ceiling import BareReference, measure_ceiling
+from benchmarks.cpu_peers import (
+    Peer,
+    PeerSettings,
+    PeerUnavailable,
+    ensure_installed,
+    first_answer,
+    peers,
+    peers_root,
+    served_model,
+)
 from benchmarks.load import (
     PROMPTS,
     Client,
     LoadResult,
+    OpenAICompletions,
     SageMakerInvocations,
-    TgiStream,
     run_arrivals,
     run_level,
 )
@@ -59,7 +84,7 @@ from benchmarks.monitor import (
     wait_for_quiet,
 )
 from benchmarks.peer import default_venv, ensure_venv, start_peer
-from benchmarks.servers import ServerProcess, start_ours
+from benchmarks.servers import EAGER_ENV, ServerProcess, compile_cache_env, start_ours
 
 _STARTED = time.perf_counter()
 WARMUP_REQUESTS = 4
@@ -90,10 +115,24 @@ class Options:
     quiet_timeout_s: float
     retries: int
     """Runs of a measurement again when other processes were busy during it."""
-    peer: bool
+    skip: list[str]
+    """Systems left out: any of `SYSTEMS`."""
     peer_venv: str
+    """The SageMaker toolkit peer's virtual environment."""
+    peers_root: str
+    """Where the CPU peers' virtual environments live."""
+    build_jobs: int | None
+    """Parallel compile jobs of the llama.cpp build; None: the usable CPUs."""
     model_dir: str
     quick: bool
+
+    def runs(self, system: str) -> bool:
+        return system not in self.skip
+
+
+SYSTEMS = ("ours", "ceiling", "llama.cpp", "vllm", "toolkit")
+TOOLKIT_MAX_LEVEL = 16
+"""The toolkit answers one request at a time: higher levels only queue longer."""
 
 
 def progress(message: str) -> None:
@@ -143,10 +182,15 @@ def warmup_rounds(options: Options, level: int) -> int:
 
 
 def run_levels(
-    options: Options, client: Client, server: ServerProcess, monitor: GroupMonitor, name: str
+    options: Options,
+    client: Client,
+    server: ServerProcess,
+    monitor: GroupMonitor,
+    name: str,
+    levels: Sequence[int],
 ) -> list[LoadResult]:
     results = []
-    for level in options.levels:
+    for level in levels:
         warmup = warmup_rounds(options, level)
         result = measure(
             options,
@@ -229,54 +273,136 @@ def arrival_rate(options: Options, batch: int, levels: Sequence[LoadResult]) -> 
     return options.arrival_load * max(below, key=lambda lv: lv.concurrency or 0).req_s
 
 
+def levels_for(options: Options, size: int) -> list[int]:
+    """The levels a server of `size` slots serves: those above the next smaller size, up to its
+    own (the largest size also takes any level above it)."""
+    sizes = sorted(options.batch_sizes)
+
+    def home(level: int) -> int:
+        return next((s for s in sizes if s >= level), sizes[-1])
+
+    return [level for level in options.levels if home(level) == size]
+
+
+def timed_start(
+    options: Options, what: str, start: Callable[[], ServerProcess]
+) -> tuple[ServerProcess, dict[str, float]]:
+    """Start a server once the machine is quiet; time it to ready (`/health` 200) and to the
+    end of one streamed 16-token greedy answer."""
+    settle(options, None)
+    progress(f"{what}: starting")
+    started = time.perf_counter()
+    server = start()
+    ready = time.perf_counter() - started
+    try:
+        _, answer_s = first_answer(server.url, served_model(server.url))
+    except BaseException:
+        server.stop()
+        raise
+    timing = {"ready_s": ready, "first_answer_s": ready + answer_s}
+    progress(f"{what}: ready in {ready:.1f} s, first answer at {ready + answer_s:.1f} s")
+    return server, timing
+
+
+def compiled_bare_step_ms(options: Options, batch: int, dtype: str) -> float | None:
+    """HOOK for target 3 (the lead fills it in): the compiled bare decode step at `batch` rows
+    (ms), measured in this process just before our arrivals run, in `dtype`, over the same
+    static-shape step our server compiles. None: not measured, and target 3 says so."""
+    return None
+
+
 def bench_ours(options: Options, batch: int, work: Path) -> dict[str, Any]:
+    """Our server with `batch` slots: a first start with an empty compile cache, an eager start
+    (the smallest batch size only), then the restart with the cache, measured. The smallest
+    batch size also runs the paired bare-loop comparisons and the Poisson arrivals."""
     name = f"ours-b{batch}"
-    progress(f"{name}: starting the server (MAX_BATCH_SIZE={batch})")
-    server = start_ours(
-        options.model_dir, batch, options.max_total_tokens, work, dtype=options.dtype
+    levels_here = levels_for(options, batch)
+    primary = batch == min(options.batch_sizes)
+    cache = work / f"{name}-compile-cache"
+
+    def start(extra_env: dict[str, str], log_name: str) -> Callable[[], ServerProcess]:
+        return lambda: start_ours(
+            options.model_dir,
+            batch,
+            options.max_total_tokens,
+            work,
+            dtype=options.dtype,
+            extra_env=extra_env,
+            log_name=log_name,
+        )
+
+    startup: dict[str, Any] = {}
+    first, startup["first"] = timed_start(
+        options,
+        f"{name}: first start (empty compile cache)",
+        start(compile_cache_env(cache), f"{name}-first"),
     )
+    first.stop()
+    if primary:
+        eager_env = {**compile_cache_env(work / f"{name}-eager-cache"), **EAGER_ENV}
+        eager, startup["eager"] = timed_start(
+            options, f"{name}: eager start ({EAGER_ENV})", start(eager_env, f"{name}-eager")
+        )
+        eager.stop()
+    server, startup["restart"] = timed_start(
+        options, f"{name}: restart (compile cache kept)", start(compile_cache_env(cache), name)
+    )
+    startup["compile_cache_env"] = list(compile_cache_env(cache))
+    startup["eager_env"] = dict(EAGER_ENV)
     with server, GroupMonitor(server.pgid) as monitor:
         info = requests.get(f"{server.url}/info", timeout=10).json()
-        client = TgiStream(server.url, options.max_new_tokens)
-        levels = run_levels(options, client, server, monitor, name)
-        reference = BareReference(
-            options.model_dir,
-            PROMPTS,
-            options.max_new_tokens,
-            options.ceiling_repeats,
-            info["dtype"],
+        client = OpenAICompletions(
+            server.url, options.max_new_tokens, model=served_model(server.url)
         )
-        pairs = paired_runs(options, client, server, monitor, name, batch, reference)
-        rate = arrival_rate(options, batch, levels)
-        count = options.arrival_requests_per_slot * batch
-        arrivals_step_ms = reference.point(batch).step_ms
-        arrivals = measure(
-            options,
-            server,
-            f"{name}: {count} requests arriving at {rate:.2f}/s",
-            lambda quiet: run_arrivals(client, rate, count, monitor=monitor, quiet=quiet),
-        )
-        progress(
-            f"{name}: arrivals: ITL p90 {arrivals.itl_p90_ms or 0:.1f} ms "
-            f"(bare step just before: {arrivals_step_ms:.1f} ms)"
-        )
-        del reference
-        gc.collect()
+        levels = run_levels(options, client, server, monitor, name, levels_here)
+        arrivals = None
+        arrivals_step_ms = compiled_step_ms = None
+        pairs: list[dict[str, float | None]] = []
+        if primary:
+            reference = BareReference(
+                options.model_dir,
+                PROMPTS,
+                options.max_new_tokens,
+                options.ceiling_repeats,
+                info["dtype"],
+            )
+            pairs = paired_runs(options, client, server, monitor, name, batch, reference)
+            rate = arrival_rate(options, batch, levels)
+            count = options.arrival_requests_per_slot * batch
+            arrivals_step_ms = reference.point(batch).step_ms
+            compiled_step_ms = compiled_bare_step_ms(options, batch, info["dtype"])
+            arrivals = measure(
+                options,
+                server,
+                f"{name}: {count} requests arriving at {rate:.2f}/s",
+                lambda quiet: run_arrivals(client, rate, count, monitor=monitor, quiet=quiet),
+            )
+            progress(
+                f"{name}: arrivals: ITL p90 {arrivals.itl_p90_ms or 0:.1f} ms (bare step just "
+                f"before: {arrivals_step_ms:.1f} ms; compiled bare step: "
+                f"{'not measured' if compiled_step_ms is None else f'{compiled_step_ms:.1f} ms'})"
+            )
+            del reference
+            gc.collect()
         master_mib, workers_mib = leader_pss_mib(server.pgid)
-    runs = [*levels, arrivals]
+    runs = [*levels, *([arrivals] if arrivals else [])]
     memory = reporting.model_memory(options.model_dir, info["dtype"], info.get("kv_cache_dtype"))
     return {
         "label": f"ours, batch {batch}",
+        "family": "ours",
         "batch_size": batch,
+        "slots": batch,
         "max_total_tokens": options.max_total_tokens,
         "streaming": True,
         "info": {
             k: info.get(k)
             for k in ("backend", "device", "dtype", "kv_cache_dtype", "max_batch_size")
         },
+        "startup": startup,
         "levels": [r.as_dict() for r in levels],
-        "arrivals": arrivals.as_dict(),
+        "arrivals": arrivals.as_dict() if arrivals else None,
         "arrivals_bare_step_ms": arrivals_step_ms,
+        "arrivals_compiled_step_ms": compiled_step_ms,
         "pairs": pairs,
         "peak_rss_mib": max(r.server.peak_rss_mib for r in runs if r.server),
         "peak_pss_mib": max(r.server.peak_pss_mib for r in runs if r.server),
@@ -306,20 +432,80 @@ def runtime_floor_mib() -> float:
     return int(out.stdout.split()[-1]) / 2**20
 
 
-def bench_peer(options: Options, work: Path) -> dict[str, Any]:
+def bench_toolkit(options: Options, work: Path) -> dict[str, Any]:
     venv = ensure_venv(Path(options.peer_venv))
-    progress("peer: starting the SageMaker HF inference toolkit (MMS, one worker)")
+    progress("toolkit: starting the SageMaker HF inference toolkit (MMS, one worker)")
+    started = time.perf_counter()
     server = start_peer(options.model_dir, venv, work / "peer")
+    ready = time.perf_counter() - started
     with server, GroupMonitor(server.pgid) as monitor:
         client = SageMakerInvocations(server.url, options.max_new_tokens)
-        levels = run_levels(options, client, server, monitor, "peer")
+        levels_here = [c for c in options.levels if c <= TOOLKIT_MAX_LEVEL]
+        levels = run_levels(options, client, server, monitor, "toolkit", levels_here)
     return {
-        "label": "peer (HF toolkit + MMS)",
+        "label": "SageMaker HF toolkit + MMS",
+        "family": "toolkit",
+        "slots": 1,
         "streaming": False,
+        # Ready: its model loaded on the first (warm-up) request, included.
+        "startup": {"first": {"ready_s": ready, "first_answer_s": ready}},
         "levels": [r.as_dict() for r in levels],
         "peak_rss_mib": max(r.server.peak_rss_mib for r in levels if r.server),
         "peak_pss_mib": max(r.server.peak_pss_mib for r in levels if r.server),
     }
+
+
+def bench_cpu_peer(
+    options: Options, peer: Peer, venv: Path, slots: int, work: Path
+) -> dict[str, Any]:
+    """One CPU peer with `slots` slots: a first start (empty compile cache), a restart, and
+    the levels up to `slots` on the restarted server."""
+    name = f"{peer.key}-{slots}"
+    settings = PeerSettings(slots, options.max_total_tokens)
+    cache = work / f"{name}-cache"
+    model_dir = Path(options.model_dir)
+
+    def start(suffix: str) -> Callable[[], ServerProcess]:
+        return lambda: peer.start(venv, settings, work, model_dir, cache, suffix)
+
+    startup: dict[str, Any] = {}
+    first, startup["first"] = timed_start(options, f"{name}: first start", start("-first"))
+    first.stop()
+    server, startup["restart"] = timed_start(options, f"{name}: restart", start(""))
+    with server, GroupMonitor(server.pgid) as monitor:
+        client = OpenAICompletions(
+            server.url, options.max_new_tokens, model=served_model(server.url)
+        )
+        levels = run_levels(options, client, server, monitor, name, levels_for(options, slots))
+    return {
+        "label": f"{peer.label}, {slots} slots",
+        "family": peer.key,
+        "slots": slots,
+        "max_total_tokens": options.max_total_tokens,
+        "weights": peer.weights,
+        "streaming": True,
+        "startup": startup,
+        "levels": [r.as_dict() for r in levels],
+        "peak_rss_mib": max(r.server.peak_rss_mib for r in levels if r.server),
+        "peak_pss_mib": max(r.server.peak_pss_mib for r in levels if r.server),
+    }
+
+
+def install_cpu_peers(options: Options, skipped: dict[str, str]) -> dict[str, tuple[Peer, Path]]:
+    """Install (first use) or find each CPU peer not skipped; a peer that cannot be had here
+    goes to `skipped` with the reason."""
+    ready = {}
+    for key, peer in peers(options.build_jobs).items():
+        if not options.runs(key):
+            continue
+        try:
+            if not peer.install.installed(Path(options.peers_root)):
+                progress(f"{key}: installing into {peer.install.venv(Path(options.peers_root))}")
+            ready[key] = (peer, ensure_installed(peer.install, Path(options.peers_root)))
+        except PeerUnavailable as exc:
+            skipped[key] = str(exc)
+            progress(f"{key}: skipped: {exc}")
+    return ready
 
 
 def bench_ceiling(options: Options, dtype: str) -> dict[str, Any]:
@@ -353,23 +539,44 @@ def run(options: Options) -> dict[str, Any]:
         "prompts": {"count": len(PROMPTS), "tokens": lengths, "mean": statistics.mean(lengths)},
         "systems": {},
     }
+    skipped: dict[str, str] = {f"{key}": "--skip" for key in options.skip}
+    report["skipped"] = skipped
+    cpu_peers = install_cpu_peers(options, skipped)
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    failed = False
     try:
-        for batch in options.batch_sizes:
-            report["systems"][f"ours-b{batch}"] = bench_ours(options, batch, work)
-        dtype = options.dtype or next(
-            (s["info"]["dtype"] for s in report["systems"].values()), "float32"
-        )
-        report["systems"]["ceiling"] = bench_ceiling(options, dtype)
-        if dtype != "float32":
-            # The checkpoint's own precision: the ceiling before reduced precision raised it.
-            report["ceiling_float32"] = bench_ceiling(options, "float32")
-        if options.peer:
-            report["systems"]["peer"] = bench_peer(options, work)
+        sizes = [size for size in sorted(options.batch_sizes) if levels_for(options, size)]
+        if options.runs("ours"):
+            for batch in sizes:
+                report["systems"][f"ours-b{batch}"] = bench_ours(options, batch, work)
+        if options.runs("ceiling"):
+            dtype = options.dtype or next(
+                (s["info"]["dtype"] for s in report["systems"].values()), "float32"
+            )
+            report["systems"]["ceiling"] = bench_ceiling(options, dtype)
+            if dtype != "float32":
+                # The checkpoint's own precision: the ceiling before reduced precision raised it.
+                report["ceiling_float32"] = bench_ceiling(options, "float32")
+        for key, (peer, venv) in cpu_peers.items():
+            for slots in sizes:
+                try:
+                    report["systems"][f"{key}-{slots}"] = bench_cpu_peer(
+                        options, peer, venv, slots, work
+                    )
+                except (RuntimeError, TimeoutError, requests.RequestException) as exc:
+                    # One peer failing must not cost the rest of the run: say so and go on.
+                    failed = True
+                    skipped[f"{key}-{slots}"] = f"failed: {str(exc)[:2000]}"
+                    progress(f"{key}, {slots} slots: failed, skipped: {exc}")
+        if options.runs("toolkit"):
+            report["systems"]["toolkit"] = bench_toolkit(options, work)
     except BaseException:
         progress(f"failed: the servers' logs are kept in {work}")
         raise
-    shutil.rmtree(work, ignore_errors=True)
+    if failed:
+        progress(f"the servers' logs are kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     report["duration_s"] = time.perf_counter() - _STARTED
     return report
 
@@ -391,16 +598,35 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _systems(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in SYSTEMS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown system {', '.join(unknown)}: choose from {', '.join(SYSTEMS)}"
+        )
+    return names
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[Options, Path, Path | None]:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.e2e",
-        description="Our server, the bare transformers ceiling and the SageMaker HF toolkit peer.",
+        description="Our server, the bare transformers ceiling, llama.cpp, vLLM CPU and the "
+        "SageMaker HF toolkit, the same load on each.",
     )
     parser.add_argument("--out", type=Path, default=None, help="default results/e2e.json")
-    parser.add_argument("--levels", type=_ints, default=None, help="default 1,4,8,16")
-    parser.add_argument("--batch-sizes", type=_ints, default=[8, 16])
+    parser.add_argument("--levels", type=_ints, default=None, help="default 1,4,8,16,32")
+    parser.add_argument(
+        "--batch-sizes",
+        type=_ints,
+        default=[16, 32],
+        help="slots of each server (ours, llama.cpp, vLLM); each serves the levels up to its "
+        "size; default 16,32",
+    )
     parser.add_argument("--max-new-tokens", type=_positive, default=None, help="default 64")
-    parser.add_argument("--max-total-tokens", type=_positive, default=512)
+    parser.add_argument(
+        "--max-total-tokens", type=_positive, default=2048, help="tokens per slot, every server"
+    )
     parser.add_argument("--rounds", type=_positive, default=None, help="default 2")
     parser.add_argument("--warmup-rounds", type=int, default=1)
     parser.add_argument("--arrival-rate", type=float, default=None, help="requests/s")
@@ -426,8 +652,18 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, Path, Path | None]:
     parser.add_argument(
         "--retries", type=int, default=None, help="measure again when disturbed; default 2"
     )
-    parser.add_argument("--no-peer", action="store_true", help="skip the peer")
+    parser.add_argument(
+        "--skip",
+        type=_systems,
+        default=[],
+        help=f"systems to leave out, comma-separated: {','.join(SYSTEMS)}",
+    )
+    parser.add_argument("--no-peer", action="store_true", help="the same as --skip toolkit")
     parser.add_argument("--peer-venv", type=Path, default=default_venv())
+    parser.add_argument("--peers-root", type=Path, default=peers_root())
+    parser.add_argument(
+        "--build-jobs", type=_positive, default=None, help="llama.cpp build; default: usable CPUs"
+    )
     parser.add_argument("--model-dir", type=Path, default=None, help="default: bundled SmolLM2")
     parser.add_argument(
         "--readme", type=Path, default=None, help="update this README's benchmark summary"
@@ -451,7 +687,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, Path, Path | None]:
     results = Path(__file__).parent / "results"
     out = args.out or (results / "quick" / "e2e.json" if quick else results / "e2e.json")
     options = Options(
-        levels=pick(args.levels, [1, 4, 8, 16], [1, 4]),
+        levels=pick(args.levels, [1, 4, 8, 16, 32], [1, 4]),
         batch_sizes=args.batch_sizes,
         max_new_tokens=pick(args.max_new_tokens, 64, 16),
         max_total_tokens=args.max_total_tokens,
@@ -466,8 +702,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, Path, Path | None]:
         quiet_cores=args.quiet_cores,
         quiet_timeout_s=pick(args.quiet_timeout, 120.0, 10.0),
         retries=pick(args.retries, 2, 0),
-        peer=not args.no_peer,
+        skip=sorted({*args.skip, *(["toolkit"] if args.no_peer else [])}),
         peer_venv=str(args.peer_venv),
+        peers_root=str(args.peers_root),
+        build_jobs=args.build_jobs,
         model_dir=str(args.model_dir),
         quick=quick,
     )

@@ -9,8 +9,12 @@ Open loop (`run_arrivals`): requests arrive as a Poisson process at a given rate
 thread, whatever the server's progress: prefills keep landing between running streams' tokens,
 which is what inter-token latency under arrivals measures.
 
-Two wire formats:
+Three wire formats:
 
+- `OpenAICompletions`: POST `/v1/completions` streaming, greedy, `ignore_eos`: the one every
+  system of `make bench` is measured with (ours, llama.cpp, vLLM), so all generate exactly
+  `max_new_tokens` tokens of the same prompts. Time to first token is the first token event;
+  inter-token latencies are the gaps between token events as the client receives them.
 - `TgiStream`: our server's POST `/generate_stream` (server-sent events). Time to first token is
   the first token event; inter-token latencies are the gaps between token events as the client
   receives them. Our HTTP API has no switch to ignore EOS, so requests stop at `max_new_tokens`
@@ -157,6 +161,80 @@ class TgiStream:
             result.error = f"{type(exc).__name__}: {exc}"[:200]
         finally:
             result.end = time.perf_counter()
+        return result
+
+
+@dataclass(frozen=True)
+class OpenAICompletions:
+    """Any OpenAI-compatible server (ours, llama.cpp's `llama-server`, vLLM): POST
+    `/v1/completions` streaming, greedy (`temperature: 0`), `ignore_eos` so that every request
+    runs exactly `max_new_tokens` tokens.
+
+    Each event carrying a choice counts as one token (the servers send one per token; vLLM's
+    events can carry an empty text for an incomplete UTF-8 sequence, still one token); when the
+    server reports `usage` (`stream_options.include_usage`), its `completion_tokens` is the count.
+    """
+
+    url: str
+    max_new_tokens: int
+    model: str | None = None
+    """The `model` field; vLLM wants the name it serves, the others take any."""
+    streaming: bool = True
+
+    def send(self, session: requests.Session, prompt: str) -> RequestResult:
+        body: dict[str, Any] = {
+            "prompt": prompt,
+            "max_tokens": self.max_new_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self.model:
+            body["model"] = self.model
+        start = time.perf_counter()
+        result = RequestResult(start=start, end=start)
+        last_token = start
+        usage_tokens = None
+        try:
+            with session.post(
+                f"{self.url}/v1/completions", json=body, stream=True, timeout=TIMEOUT_S
+            ) as response:
+                if response.status_code != 200:
+                    result.error = f"HTTP {response.status_code}: {response.text[:200]}"
+                    return result
+                for line in response.iter_lines(chunk_size=None):
+                    if not line.startswith(b"data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        break
+                    now = time.perf_counter()
+                    event = json.loads(payload)
+                    if "error" in event:
+                        result.error = str(event["error"])[:200]
+                        break
+                    if event.get("usage"):
+                        usage_tokens = event["usage"].get("completion_tokens")
+                    choices = event.get("choices") or []
+                    if not choices:
+                        continue
+                    if choices[0].get("finish_reason"):
+                        result.finish_reason = choices[0]["finish_reason"]
+                    if not choices[0].get("text") and choices[0].get("finish_reason"):
+                        continue  # a closing event with no token of its own
+                    if result.ttft_s is None:
+                        result.ttft_s = now - start
+                    else:
+                        result.itl_s.append(now - last_token)
+                    last_token = now
+                    result.generated_tokens += 1
+        except (requests.RequestException, ValueError) as exc:
+            result.error = f"{type(exc).__name__}: {exc}"[:200]
+        finally:
+            result.end = time.perf_counter()
+        if usage_tokens is not None and result.error is None:
+            result.generated_tokens = usage_tokens
         return result
 
 
@@ -396,6 +474,7 @@ def run_arrivals(
 # --- command line ------------------------------------------------------------------------------
 
 CLIENTS: dict[str, Callable[[str, int], Client]] = {
+    "openai": OpenAICompletions,
     "tgi": TgiStream,
     "sagemaker": SageMakerInvocations,
 }
@@ -407,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Load a running server: closed-loop levels, then optional Poisson arrivals.",
     )
     parser.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8080")
-    parser.add_argument("--api", choices=sorted(CLIENTS), default="tgi")
+    parser.add_argument("--api", choices=sorted(CLIENTS), default="openai")
     parser.add_argument("--levels", default="1,4,8,16", help="client counts, comma-separated")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="measured requests per client")

@@ -128,15 +128,16 @@ def _ratios(values: Sequence[float]) -> str:
     return f"median of {len(values)} pairs ({listed})" if len(values) > 1 else f"1 pair ({listed})"
 
 
-def targets(report: dict[str, Any]) -> list[Target]:
-    """The five targets of the issue for each of our configurations, from one run's numbers."""
+def engine_targets(report: dict[str, Any]) -> list[Target]:
+    """The earlier targets of our engine against the bare loop (and the SageMaker toolkit), for
+    each of our configurations, from one run's numbers."""
     systems = report["systems"]
     ceiling = systems.get("ceiling")
-    peer = systems.get("peer")
+    peer = systems.get("toolkit") or systems.get("peer")
     found: list[Target] = []
     for key, ours in systems.items():
-        if not key.startswith("ours"):
-            continue
+        if not key.startswith("ours") or (ours.get("family") and not ours.get("pairs")):
+            continue  # a server size measured without the paired runs (C = 32 only)
         batch = ours["batch_size"]
         label = ours["label"]
         at_batch = _level(ours, batch)
@@ -264,6 +265,165 @@ def targets(report: dict[str, Any]) -> list[Target]:
     return found
 
 
+# --- the targets of issue 15: ours against the CPU peers -----------------------------------------
+
+PEER_FAMILIES = {"llama.cpp": "llama.cpp", "vllm": "vLLM"}
+THROUGHPUT_LEVELS = (4, 8, 16, 32)
+THROUGHPUT_BOUND = 1.0
+ALONE_BOUNDS = {"vllm": 1.0, "llama.cpp": 0.6}
+RESTART_FACTOR = 1.3
+MEMORY_FACTOR = 1.5
+MEMORY_SLOTS = 16
+
+
+def family_level(
+    report: dict[str, Any], family: str, concurrency: int
+) -> tuple[dict[str, Any], dict[str, Any]] | tuple[None, None]:
+    """The level at `concurrency` of a family (`ours`, `llama.cpp`, `vllm`, `toolkit`) and the
+    system (server size) that served it."""
+    for system in report["systems"].values():
+        if system.get("family") != family:
+            continue
+        level = _level(system, concurrency)
+        if level:
+            return level, system
+    return None, None
+
+
+def family_system(report: dict[str, Any], family: str, slots: int) -> dict[str, Any] | None:
+    return next(
+        (
+            s
+            for s in report["systems"].values()
+            if s.get("family") == family and s.get("slots") == slots
+        ),
+        None,
+    )
+
+
+def _tok_s(level: dict[str, Any] | None) -> float | None:
+    return level["tok_s"] if level and not level.get("errors") else None
+
+
+def compiled_bare_step_ms(ours: dict[str, Any]) -> float | None:
+    """Target 3's reference: the compiled bare decode step at batch 16, which
+    `benchmarks.e2e.compiled_bare_step_ms` measures (a hook the compiled step fills in)."""
+    return ours.get("arrivals_compiled_step_ms")
+
+
+def targets(report: dict[str, Any]) -> list[Target]:
+    """Issue 15's five targets, from one run's numbers: ours against llama.cpp and vLLM."""
+    found: list[Target] = []
+    ours_label = "ours"
+    for concurrency in THROUGHPUT_LEVELS:
+        mine, system = family_level(report, "ours", concurrency)
+        theirs = {
+            family: _tok_s(family_level(report, family, concurrency)[0]) for family in PEER_FAMILIES
+        }
+        measured = {f: v for f, v in theirs.items() if v}
+        if mine is None and not measured:
+            continue
+        best = max(measured, key=measured.get) if measured else None
+        value = _tok_s(mine) / measured[best] if _tok_s(mine) and best else None
+        found.append(
+            Target(
+                1,
+                f"tokens/s at C = {concurrency} / the better peer's (aim 1.3x)",
+                system["label"] if system else ours_label,
+                value,
+                THROUGHPUT_BOUND,
+                "x",
+                True,
+                f"ours {_num(_tok_s(mine), 1)}; "
+                + ", ".join(f"{PEER_FAMILIES[f]} {_num(theirs[f], 1)}" for f in PEER_FAMILIES)
+                + " tok/s",
+            )
+        )
+    mine, system = family_level(report, "ours", 1)
+    for family, bound in ALONE_BOUNDS.items():
+        theirs, _ = family_level(report, family, 1)
+        value = _tok_s(mine) / _tok_s(theirs) if _tok_s(mine) and _tok_s(theirs) else None
+        found.append(
+            Target(
+                2,
+                f"tokens/s at C = 1 / {PEER_FAMILIES[family]}'s"
+                + (" (4-bit weights; aim 1.0x)" if family == "llama.cpp" else ""),
+                system["label"] if system else ours_label,
+                value,
+                bound,
+                "x",
+                True,
+                f"{_num(_tok_s(mine), 1)} vs {_num(_tok_s(theirs), 1)} tok/s; ITL p50 "
+                f"{_num(mine and mine['itl_p50_ms'], 1)} vs "
+                f"{_num(theirs and theirs['itl_p50_ms'], 1)} ms",
+            )
+        )
+    ours = family_system(report, "ours", MEMORY_SLOTS)
+    arrivals = ours.get("arrivals") if ours else None
+    step = compiled_bare_step_ms(ours) if ours else None
+    found.append(
+        Target(
+            3,
+            f"ITL p90 under Poisson arrivals at batch {MEMORY_SLOTS} (ms) vs 1.5 x the compiled "
+            "bare step",
+            ours["label"] if ours else ours_label,
+            arrivals["itl_p90_ms"] if arrivals else None,
+            ITL_FACTOR * step if step is not None else None,
+            "ms",
+            False,
+            (
+                f"compiled bare step {_num(step, 1)} ms"
+                if step is not None
+                else "compiled bare step not measured yet (hook "
+                "`benchmarks.e2e.compiled_bare_step_ms`)"
+            )
+            + (
+                f"; eager bare step {_num(ours.get('arrivals_bare_step_ms'), 1)} ms; "
+                f"{arrivals['arrival_rate_rps']:.2f} req/s, "
+                f"{arrivals['mean_in_flight']:.1f} in flight on average"
+                if arrivals and ours
+                else "; no arrivals run"
+            ),
+        )
+    )
+    startup = (ours or {}).get("startup") or {}
+    restart, eager, first = (startup.get(k) for k in ("restart", "eager", "first"))
+    found.append(
+        Target(
+            4,
+            "restart ready (compile cache kept, s) vs 1.3 x the eager start",
+            ours["label"] if ours else ours_label,
+            restart["ready_s"] if restart else None,
+            RESTART_FACTOR * eager["ready_s"] if eager else None,
+            "s",
+            False,
+            f"eager start ready in {_num(eager and eager['ready_s'], 1)} s; first start (empty "
+            f"compile cache) {_num(first and first['ready_s'], 1)} s, so compiling took about "
+            f"{_num(first and restart and first['ready_s'] - restart['ready_s'], 1)} s",
+        )
+    )
+    theirs = family_system(report, "llama.cpp", MEMORY_SLOTS)
+    tokens = (ours or {}).get("max_total_tokens")
+    same = bool(ours and theirs and theirs.get("max_total_tokens") == tokens)
+    found.append(
+        Target(
+            5,
+            f"peak memory (PSS) at {MEMORY_SLOTS} slots x {_num(tokens)} tokens vs 1.5 x "
+            "llama.cpp's",
+            ours["label"] if ours else ours_label,
+            ours.get("peak_pss_mib") if ours else None,
+            MEMORY_FACTOR * theirs["peak_pss_mib"] if theirs and same else None,
+            "MiB",
+            False,
+            f"llama.cpp {_num(theirs and theirs['peak_pss_mib'])} MiB at "
+            f"{MEMORY_SLOTS} x {_num(theirs and theirs.get('max_total_tokens'))} tokens (Q4_1); "
+            f"vLLM {_num((family_system(report, 'vllm', MEMORY_SLOTS) or {}).get('peak_pss_mib'))}"
+            " MiB",
+        )
+    )
+    return found
+
+
 # --- Markdown ----------------------------------------------------------------------------------
 
 
@@ -331,6 +491,60 @@ def quiet_line(report: dict[str, Any]) -> str:
     return text + ": quiet throughout."
 
 
+def skipped_lines(report: dict[str, Any]) -> list[str]:
+    skipped = report.get("skipped") or {}
+    if not skipped:
+        return []
+    return [
+        "Left out: " + "; ".join(f"{name} ({why})" for name, why in skipped.items()) + ".",
+        "",
+    ]
+
+
+def _startup_cell(startup: dict[str, Any], key: str) -> str:
+    timing = startup.get(key)
+    if not timing:
+        return "—"
+    return f"{timing['ready_s']:.1f} / {timing['first_answer_s']:.1f}"
+
+
+def startup_lines(report: dict[str, Any]) -> list[str]:
+    """Start-up times and peak memory of each server."""
+    rows = [
+        (system, system.get("startup") or {})
+        for system in report["systems"].values()
+        if "levels" in system
+    ]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Start-up and memory",
+        "",
+        "Seconds from launching the server to ready (`/health` 200) / to the end of one streamed "
+        "16-token answer. First start: an empty compile cache (ours: the compiled step built; "
+        "vLLM: its inductor compile, which it repeats at every start and caches in part); "
+        "restart: the same cache again. Eager: ours with the compiled step off. Peak PSS: the "
+        "server's process group while serving the levels.",
+        "",
+        "| System | slots x tokens | first start s | restart s | eager start s | peak PSS MiB "
+        "| peak RSS MiB |",
+        "|:---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for system, startup in rows:
+        size = (
+            f"{system['slots']} x {_num(system.get('max_total_tokens'))}"
+            if system.get("slots")
+            else "—"
+        )
+        lines.append(
+            f"| {system['label']} | {size} | {_startup_cell(startup, 'first')} "
+            f"| {_startup_cell(startup, 'restart')} | {_startup_cell(startup, 'eager')} "
+            f"| {_num(system.get('peak_pss_mib'))} | {_num(system.get('peak_rss_mib'))} |"
+        )
+    return lines
+
+
 def to_markdown(report: dict[str, Any], plots: Sequence[str] = ()) -> str:
     o = report["options"]
     lines = [
@@ -346,24 +560,23 @@ def to_markdown(report: dict[str, Any], plots: Sequence[str] = ()) -> str:
         f"{o['rounds']} measured requests per client. "
         "All ratios below come from this one run.",
         "",
-        "Equal lengths: the peer is asked for `min_new_tokens` = `max_new_tokens`. Our HTTP API "
-        "has no switch to ignore EOS, so our requests stop at `max_new_tokens` or EOS; the "
-        "prompts were chosen so that SmolLM2 greedy runs that long without EOS, and the mean "
-        "generated length of each level shows any difference.",
-        "",
-        "## Targets",
+        "Every server but the SageMaker toolkit gets the same requests: streaming "
+        "`/v1/completions`, `temperature: 0`, `ignore_eos`, so each generates exactly "
+        "`max_new_tokens` tokens (the mean generated length of each level shows it); the toolkit "
+        "is asked for `min_new_tokens` = `max_new_tokens` over `/invocations`. Each server has "
+        f"{_num(o['max_total_tokens'])} tokens per slot; a server with N slots serves the levels "
+        "up to N. llama.cpp serves 4-bit (Q4_1) weights, the others bf16 (ours: its dtype "
+        "below): compare speed, not text.",
         "",
     ]
-    if any(system.get("pairs") for system in report["systems"].values()):
-        lines += [
-            "Targets 1, 3 and 4 compare each of our measurements with the bare loop measured in "
-            "this process seconds before it, while the server idles: on these 2 shared cores the "
-            "same bare loop reads up to 25% apart a minute later, so a comparison with the "
-            "separately timed ceiling table below would mostly measure the machine's drift. "
-            "Targets 1 and 3 repeat the pair and take the median pair.",
-            "",
-        ]
+    lines += skipped_lines(report)
     lines += [
+        "## Targets",
+        "",
+        "Issue 15: ours against the better of llama.cpp and vLLM (tokens/s at C = 4 to 32), "
+        "against each at C = 1, ITL under arrivals against the compiled bare step, restart "
+        "against the eager start, memory against llama.cpp at the same slots and context.",
+        "",
         "| # | Target | System | Measured (bound); ratio | Met | Detail |",
         "|---:|:---|:---|:---|:---:|:---|",
     ]
@@ -371,18 +584,46 @@ def to_markdown(report: dict[str, Any], plots: Sequence[str] = ()) -> str:
         lines.append(
             f"| {t.number} | {t.name} | {t.system} | {_ratio(t)} | {_mark(t.met)} | {t.detail} |"
         )
+    lines += startup_lines(report)
+    engine = engine_targets(report)
+    if engine:
+        lines += [
+            "",
+            "## Our engine against the bare loop",
+            "",
+            "The earlier targets, kept as a check that serving costs little over the bare "
+            "`transformers` loop of the ceiling below.",
+            "",
+        ]
+        if any(system.get("pairs") for system in report["systems"].values()):
+            lines += [
+                "Targets 1, 3 and 4 compare each of our measurements with the bare loop measured "
+                "in this process seconds before it, while the server idles: on these 2 shared "
+                "cores the same bare loop reads up to 25% apart a minute later, so a comparison "
+                "with the separately timed ceiling table below would mostly measure the "
+                "machine's drift. Targets 1 and 3 repeat the pair and take the median pair.",
+                "",
+            ]
+        lines += [
+            "| # | Target | System | Measured (bound); ratio | Met | Detail |",
+            "|---:|:---|:---|:---|:---:|:---|",
+        ]
+        for t in engine:
+            lines.append(
+                f"| {t.number} | {t.name} | {t.system} | {_ratio(t)} | {_mark(t.met)} "
+                f"| {t.detail} |"
+            )
     lines += [
         "",
         "## Per level",
         "",
         "Tokens/s: generated tokens of all successful requests / the measured window. TTFT and "
-        "ITL as the client receives server-sent events; the peer does not stream, so its TTFT is "
-        "its end-to-end time and it has no ITL. Server memory: peak of the summed proportional set "
-        "sizes (PSS: shared pages split between the processes mapping them) of the server's "
-        "process group; CPU: its CPU seconds per second (2 = both cores). Others' "
-        "CPU: cores used by every other process (the load generator excepted) just before and "
-        "during "
-        "the measurement; a measurement disturbed during it was run again.",
+        "ITL as the client receives server-sent events; the SageMaker toolkit does not stream, "
+        "so its TTFT is its end-to-end time and it has no ITL. Server memory: peak of the "
+        "summed proportional set sizes (PSS: shared pages split between the processes mapping "
+        "them) of the server's process group; CPU: its CPU seconds per second (2 = both cores)."
+        " Others' CPU: cores used by every other process (the load generator excepted) just "
+        "before and during the measurement; a measurement disturbed during it was run again.",
         "",
         "| System | C | tok/s | req/s | TTFT p50 / p90 ms | ITL p50 / p90 ms "
         "| e2e p50 / p90 ms | mean tokens | errors | PSS MiB | CPU cores "
@@ -471,11 +712,38 @@ def raised_ceiling(report: dict[str, Any]) -> list[str]:
 # --- plots -------------------------------------------------------------------------------------
 
 STYLE = {
+    "ours": {"color": "tab:green", "marker": "s"},
+    "llama.cpp": {"color": "tab:orange", "marker": "D"},
+    "vllm": {"color": "tab:purple", "marker": "v"},
+    "toolkit": {"color": "tab:red", "marker": "^"},
     "ours-b8": {"color": "tab:blue", "marker": "o"},
     "ours-b16": {"color": "tab:green", "marker": "s"},
     "peer": {"color": "tab:red", "marker": "^"},
     "ceiling": {"color": "black", "marker": "x"},
 }
+FAMILY_LABELS = {
+    "ours": "ours",
+    "llama.cpp": "llama.cpp (Q4_1)",
+    "vllm": "vLLM CPU",
+    "toolkit": "SageMaker HF toolkit",
+}
+
+
+def family_lines(report: dict[str, Any]) -> list[tuple[str, str, list[dict[str, Any]], bool]]:
+    """One line per system family (ours, llama.cpp, vLLM, toolkit): its levels from all its
+    server sizes, by concurrency: (family, label, levels, streaming)."""
+    grouped: dict[str, tuple[str, list[dict[str, Any]], bool]] = {}
+    for key, system in report["systems"].items():
+        if "levels" not in system:
+            continue
+        family = system.get("family", key)
+        label = FAMILY_LABELS.get(family, system["label"])
+        entry = grouped.setdefault(family, (label, [], system.get("streaming", True)))
+        entry[1].extend(system["levels"])
+    return [
+        (family, label, sorted(levels, key=lambda lv: lv["concurrency"]), streaming)
+        for family, (label, levels, streaming) in grouped.items()
+    ]
 
 
 def plot(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
@@ -493,18 +761,21 @@ def plot(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     title = machine_line(report).split(",")[0]
     levels = sorted({lv["concurrency"] for s in systems.values() for lv in s.get("levels", [])})
 
+    lines = family_lines(report)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, system in systems.items():
-        style = STYLE.get(key, {})
-        if key == "ceiling":
-            points = [p for p in system["points"] if p["batch_size"] in levels]
-            xs = [p["batch_size"] for p in points]
-            ys = [p["tok_s"] for p in points]
-            ax.plot(xs, ys, linestyle="--", label="ceiling (bare loop, batch = C)", **style)
-            continue
-        xs = [lv["concurrency"] for lv in system["levels"]]
-        ys = [lv["tok_s"] for lv in system["levels"]]
-        ax.plot(xs, ys, label=system["label"], **style)
+    for family, label, family_levels, _ in lines:
+        xs = [lv["concurrency"] for lv in family_levels]
+        ys = [lv["tok_s"] for lv in family_levels]
+        ax.plot(xs, ys, label=label, **STYLE.get(family, {}))
+    if systems.get("ceiling"):
+        points = [p for p in systems["ceiling"]["points"] if p["batch_size"] in levels]
+        ax.plot(
+            [p["batch_size"] for p in points],
+            [p["tok_s"] for p in points],
+            linestyle="--",
+            label="ceiling (bare loop, batch = C)",
+            **STYLE["ceiling"],
+        )
     _concurrency_axis(ax, levels)
     ax.set_ylabel("generated tokens/s")
     ax.set_title(f"Throughput, {report['options']['max_new_tokens']} new tokens ({title})")
@@ -515,18 +786,16 @@ def plot(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     plt.close(fig)
 
     fig, (ttft_ax, itl_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for key, system in systems.items():
-        if "levels" not in system:
-            continue
-        style = STYLE.get(key, {})
-        xs = [lv["concurrency"] for lv in system["levels"]]
-        label = system["label"] + ("" if system.get("streaming", True) else " (end-to-end)")
+    for family, family_label, family_levels, streaming in lines:
+        style = STYLE.get(family, {})
+        xs = [lv["concurrency"] for lv in family_levels]
+        label = family_label + ("" if streaming else " (end-to-end)")
         for q, dash in (("p50", "-"), ("p90", ":")):
-            ys = [lv[f"ttft_{q}_ms"] for lv in system["levels"]]
+            ys = [lv[f"ttft_{q}_ms"] for lv in family_levels]
             ttft_ax.plot(xs, ys, linestyle=dash, label=f"{label} {q}", **style)
-            itl = [lv[f"itl_{q}_ms"] for lv in system["levels"]]
+            itl = [lv[f"itl_{q}_ms"] for lv in family_levels]
             if any(v is not None for v in itl):
-                itl_ax.plot(xs, itl, linestyle=dash, label=f"{system['label']} {q}", **style)
+                itl_ax.plot(xs, itl, linestyle=dash, label=f"{family_label} {q}", **style)
     ceiling = systems.get("ceiling")
     if ceiling:
         ttft_ax.axhline(
@@ -556,7 +825,49 @@ def plot(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     latency = out_dir / f"{stem}-latency.png"
     fig.savefig(latency, dpi=110)
     plt.close(fig)
-    return [throughput, latency]
+    startup = _plot_startup(report, out_dir / f"{stem}-startup.png", plt)
+    return [throughput, latency, *([startup] if startup else [])]
+
+
+def _plot_startup(report: dict[str, Any], path: Path, plt: Any) -> Path | None:
+    """Bars: each server's start-up (first start, restart, eager) and its peak PSS."""
+    rows = [
+        (key, system)
+        for key, system in report["systems"].items()
+        if "levels" in system and (system.get("startup") or system.get("peak_pss_mib"))
+    ]
+    if not rows:
+        return None
+    fig, (start_ax, memory_ax) = plt.subplots(1, 2, figsize=(11, 0.5 * len(rows) + 2.5))
+    labels = [system["label"] for _, system in rows]
+    ys = list(range(len(rows)))
+    kinds = (("first", "first start", 0.0), ("restart", "restart", 0.27), ("eager", "eager", 0.54))
+    for kind, name, offset in kinds:
+        values = [((s.get("startup") or {}).get(kind) or {}).get("ready_s") for _, s in rows]
+        if any(v is not None for v in values):
+            start_ax.barh(
+                [y - 0.27 + offset for y in ys], [v or 0 for v in values], 0.27, label=name
+            )
+    start_ax.set_yticks(ys, labels)
+    start_ax.invert_yaxis()
+    start_ax.set_xlabel("seconds to ready (/health 200)")
+    start_ax.set_title("start-up")
+    start_ax.legend(fontsize=7)
+    memory_ax.barh(
+        ys,
+        [s.get("peak_pss_mib") or 0 for _, s in rows],
+        color=[STYLE.get(s.get("family", k), {}).get("color", "grey") for k, s in rows],
+    )
+    memory_ax.set_yticks(ys, labels)
+    memory_ax.invert_yaxis()
+    memory_ax.set_xlabel("MiB")
+    memory_ax.set_title("peak PSS while serving")
+    for ax in (start_ax, memory_ax):
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _concurrency_axis(ax: Any, levels: Sequence[int]) -> None:
@@ -578,36 +889,33 @@ def readme_block(report: dict[str, Any], results_dir: str) -> str:
     lines = [
         README_START,
         f"Latest run ({report['started'][:10]}): {machine_line(report)}. {quiet_line(report)} "
-        f"{o['max_new_tokens']} new tokens, greedy, {report['prompts']['count']} prompts; "
-        "every ratio is between numbers of this same run"
-        + (
-            " (targets 1, 3 and 4: each of our measurements against the bare loop measured "
-            "seconds before it, as the 2 shared cores drift)"
-            if any(system.get("pairs") for system in report["systems"].values())
-            else ""
-        )
-        + ". Full tables: "
+        f"{report['prompts']['count']} prompts, {o['max_new_tokens']} new tokens, streaming "
+        "`/v1/completions`, greedy, `ignore_eos`, the same load generator for every server; "
+        "every ratio is between numbers of this same run. Full tables: "
         f"[`{results_dir}/e2e.md`]({results_dir}/e2e.md).",
         "",
-        "| # | Target | System | Measured (bound); ratio | Met |",
+        *skipped_lines(report),
+        "| # | Target (issue 15) | System | Measured (bound); ratio | Met |",
         "| ---: | --- | --- | --- | :---: |",
     ]
     for t in targets(report):
         lines.append(f"| {t.number} | {t.name} | {t.system} | {_ratio(t)} | {_mark(t.met)} |")
     lines += [
         "",
-        "| System | C | tok/s | TTFT p50 ms | ITL p90 ms | e2e p50 ms | mean tokens | PSS MiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| System | C | tok/s | TTFT p50 / p90 ms | ITL p50 / p90 ms | mean tokens | PSS MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for system in report["systems"].values():
         for lv in system.get("levels", []):
             server = lv.get("server") or {}
             lines.append(
                 f"| {system['label']} | {lv['concurrency']} | {lv['tok_s']:.1f} "
-                f"| {_num(lv['ttft_p50_ms'])} | {_num(lv['itl_p90_ms'], 1)} "
-                f"| {_num(lv['e2e_p50_ms'])} | {lv['mean_generated_tokens']:.1f} "
+                f"| {_num(lv['ttft_p50_ms'])} / {_num(lv['ttft_p90_ms'])} "
+                f"| {_num(lv['itl_p50_ms'], 1)} / {_num(lv['itl_p90_ms'], 1)} "
+                f"| {lv['mean_generated_tokens']:.1f} "
                 f"| {_num(server.get('peak_pss_mib', server.get('peak_rss_mib')))} |"
             )
+    lines += ["", *startup_lines(report)[3:]] if startup_lines(report) else []
     for ceiling in (report["systems"].get("ceiling"), report.get("ceiling_float32")):
         if ceiling:
             cells = ", ".join(
@@ -619,6 +927,7 @@ def readme_block(report: dict[str, Any], results_dir: str) -> str:
         "",
         f"![Throughput vs concurrency]({results_dir}/e2e-throughput.png)",
         f"![TTFT and ITL vs concurrency]({results_dir}/e2e-latency.png)",
+        f"![Start-up and peak memory]({results_dir}/e2e-startup.png)",
         README_END,
     ]
     return "\n".join(lines)
@@ -637,6 +946,7 @@ def write(report: dict[str, Any], out: Path) -> str:
     """Write `out` (JSON), its `.md` and the plots beside it; return the Markdown."""
     out.parent.mkdir(parents=True, exist_ok=True)
     report["targets"] = [{**asdict(t), "met": t.met} for t in targets(report)]
+    report["engine_targets"] = [{**asdict(t), "met": t.met} for t in engine_targets(report)]
     out.write_text(json.dumps(report, indent=2) + "\n")
     plots = plot(report, out.parent, out.stem)
     markdown = to_markdown(report, [str(p) for p in plots])

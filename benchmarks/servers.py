@@ -133,21 +133,43 @@ class ServerProcess:
         self.stop()
 
 
+COMPILE_CACHE_ENV: Mapping[str, str] = {
+    "TORCH_COMPILE_CACHE": "compiled-steps",
+    "TORCHINDUCTOR_CACHE_DIR": "inductor",
+}
+"""The environment variables that point our server's compile caches at a directory (each to its
+own folder in it): our compiled-step packages and inductor's own cache. A fresh directory gives
+the first start (compiling), the same one again the restart. Change it here if the server's
+settings change."""
+
+EAGER_ENV: Mapping[str, str] = {"TORCH_COMPILE": "0"}
+"""The environment that turns our server's compiled model step off: its eager start, which the
+restart's ready time is compared with. Change it here if the server's settings change."""
+
+
+def compile_cache_env(directory: Path) -> dict[str, str]:
+    return {name: str(directory / folder) for name, folder in COMPILE_CACHE_ENV.items()}
+
+
 def start_ours(
     model_dir: str,
     batch_size: int,
     max_total_tokens: int,
     log_dir: Path,
     dtype: str | None = None,
-    timeout_s: float = 300.0,
+    timeout_s: float = 1800.0,
+    extra_env: Mapping[str, str] | None = None,
+    log_name: str | None = None,
 ) -> ServerProcess:
-    """`python -m handler serve` with `batch_size` slots of `max_total_tokens`, ready to serve."""
+    """`python -m handler serve` with `batch_size` slots of `max_total_tokens`, ready to serve
+    (`/health` answers 200: warm-up, compiling included, is done)."""
     port = free_port()
     env = {
         **os.environ,
         "MAX_BATCH_SIZE": str(batch_size),
         "MAX_TOTAL_TOKENS": str(max_total_tokens),
         "SHUTDOWN_GRACE_SECONDS": "5",
+        **(extra_env or {}),
     }
     if dtype:
         env["HF_AUTO_CAST_TYPE"] = dtype
@@ -158,7 +180,7 @@ def start_ours(
         command,
         port,
         env,
-        log_dir / f"ours-b{batch_size}.log",
+        log_dir / f"{log_name or f'ours-b{batch_size}'}.log",
     )
     server.wait_ready("/health", timeout_s)
     return server

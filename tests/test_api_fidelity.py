@@ -14,6 +14,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import jsonschema
 import openai
 import pytest
 import requests
@@ -413,6 +414,136 @@ def test_the_paris_conversation_renders_the_call_and_the_result(tool_server, ref
         timeout=60,
     ).json()["templated_text"]
     assert '"name": "get_weather"' in shown and "Hi! What is the weather" in shown
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+CLOCK = {
+    "type": "object",
+    "properties": {"timezone": {"type": "string", "maxLength": 16}},
+    "required": ["timezone"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "parameters": CLOCK}},
+]
+PARAMETERS = {"get_weather": WEATHER, "get_time": CLOCK}
+ASK = [{"role": "user", "content": "What is the weather in Paris, and the time in Tokyo?"}]
+
+
+@pytest.fixture(scope="module")
+def tool_client(tool_server) -> openai.OpenAI:
+    server, _ = tool_server
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def assert_valid_call(name: str, arguments: str) -> None:
+    jsonschema.validate(json.loads(arguments), PARAMETERS[name])
+
+
+def test_required_and_named_tool_calls_return_valid_arguments(tool_client) -> None:
+    answer = tool_client.chat.completions.create(
+        model="m",
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=60,
+        temperature=0,
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls  # one call at most without parallel calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert_valid_call(call.function.name, call.function.arguments)
+    # With parallel calls the model may go on calling: every complete call is valid.
+    answer = tool_client.chat.completions.create(
+        model="m", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=90, temperature=0
+    )
+    assert answer.choices[0].message.tool_calls, answer.choices[0]
+    for call in answer.choices[0].message.tool_calls:
+        assert_valid_call(call.function.name, call.function.arguments)
+    named = {"type": "function", "function": {"name": "get_time"}}
+    answer = tool_client.chat.completions.create(
+        model="m", messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=40, temperature=0
+    )
+    (call,) = answer.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and answer.choices[0].finish_reason == "tool_calls"
+    assert_valid_call("get_time", call.function.arguments)
+    # Streamed, the same call arrives as an id and a name, then pieces of its arguments.
+    chunks = list(
+        tool_client.chat.completions.create(
+            model="m",
+            messages=ASK,
+            tools=TOOLS,
+            tool_choice=named,
+            max_tokens=40,
+            temperature=0,
+            stream=True,
+        )
+    )
+    pieces = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    assert pieces[0].id and pieces[0].function.name == "get_time" and pieces[0].index == 0
+    assert len(pieces) > 2  # the arguments come in several deltas, as OpenAI streams them
+    assert "".join(p.function.arguments or "" for p in pieces) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # The legacy `functions` answer `function_call`.
+    legacy = requests.post(
+        f"{tool_client.base_url}chat/completions",
+        json={
+            "messages": ASK,
+            "functions": [t["function"] for t in TOOLS],
+            "function_call": {"name": "get_weather"},
+            "max_tokens": 60,
+            "temperature": 0,
+        },
+        timeout=600,
+    ).json()
+    assert legacy["choices"][0]["finish_reason"] == "function_call", legacy
+    called = legacy["choices"][0]["message"]["function_call"]
+    assert called["name"] == "get_weather"
+    assert_valid_call("get_weather", called["arguments"])
+
+
+def test_auto_leaves_the_model_free_and_a_tool_result_conversation_answers(
+    tool_server, tool_client, reference_model
+) -> None:
+    """`auto` does not force a call (TGI's defect): without one, the answer is `transformers`
+    greedy on the same prompt. The multi-turn conversation with a tool result, with tools
+    offered, renders and answers."""
+    server, model_dir = tool_server
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": "Say hello to me."}]
+    body = {"messages": messages, "tools": TOOLS}
+    text = requests.post(f"{server.url}/chat_tokenize", json=body, timeout=60).json()
+    ids = tokenizer(text["templated_text"], add_special_tokens=False).input_ids
+    expected = tokenizer.decode(
+        reference_greedy(reference_model, ids, 16), skip_special_tokens=True
+    )
+    answer = tool_client.chat.completions.create(
+        model="m", messages=messages, tools=TOOLS, max_tokens=16, temperature=0
+    )
+    if "<tool_call>" in expected:
+        for call in answer.choices[0].message.tool_calls:
+            assert_valid_call(call.function.name, call.function.arguments)
+    else:
+        assert answer.choices[0].message.content == expected
+        assert answer.choices[0].message.tool_calls is None
+    history = [*PARIS[:2], {**PARIS[2]}]
+    answer = tool_client.chat.completions.create(
+        model="m", messages=history, tools=TOOLS, tool_choice="auto", max_tokens=24, temperature=0
+    )
+    message = answer.choices[0].message
+    assert message.content or message.tool_calls
+    assert answer.usage.prompt_tokens > 0
 
 
 def test_a_template_without_tool_support_refuses_the_conversation(server: RunningServer) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from handler.api import tools
 from handler.api.common import (
     SSE_DONE,
     Answer,
@@ -33,6 +34,7 @@ from handler.api.common import (
     unsupported,
 )
 from handler.api.structured import check_compatible, openai_constraint
+from handler.api.tools import ToolPlan, ToolStream, message_calls, template_tools
 from handler.errors import TemplateError, ValidationError
 from handler.generation.grammar import Constraint
 from handler.generation.request import (
@@ -53,7 +55,6 @@ FINISH_REASONS = {
 }
 
 
-TOOLS = "tool calling is not implemented yet"
 SHARED_REFUSED = {
     "use_beam_search": Refused(": beam search is not implemented"),
     "length_penalty": Refused(": it applies to beam search, which is not implemented", (1, 1.0)),
@@ -166,8 +167,6 @@ class _Sampling(WireRequest):
 class ChatCompletionRequest(_Sampling):
     refused: ClassVar[Mapping[str, Refused]] = {
         **SHARED_REFUSED,
-        "functions": Refused(f": {TOOLS}"),
-        "function_call": Refused(f": {TOOLS}", ("none", "auto")),
         "modalities": Refused(": this server answers with text only", (["text"],)),
         "audio": Refused(": this server answers with text only"),
         "prediction": Refused(": predicted outputs are not implemented"),
@@ -186,8 +185,20 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None
-    """Rendered by `/chat_tokenize`; refused for generation until tool calling is implemented."""
+    """Functions the model may call (`{"type": "function", "function": {"name",
+    "description", "parameters"}}`), passed to the chat template; calls come back in
+    `message.tool_calls` with finish reason `tool_calls`. Needs a template with a tool-call
+    format this server parses (Hermes / Qwen, Llama 3.1 JSON, Mistral)."""
     tool_choice: Any = None
+    """`none`, `auto` (the default with tools: the model chooses, and its call is constrained
+    to the function's parameters once it opens one), `required` (one or more calls), or
+    `{"type": "function", "function": {"name"}}` (that call)."""
+    parallel_tool_calls: bool | None = None
+    """False: at most one call (default true)."""
+    functions: list[Any] | None = None
+    """Legacy form of `tools` (answered with `message.function_call`)."""
+    function_call: Any = None
+    """Legacy form of `tool_choice`: `none`, `auto` or `{"name"}`."""
     add_generation_prompt: bool = True
     """Extension (vLLM): end the prompt with the template's assistant header."""
     continue_final_message: bool = False
@@ -212,6 +223,7 @@ class CompletionRequest(_Sampling):
 # --- answers (the OpenAPI document's response schemas) -----------------------------------------
 
 FinishReasonName = Literal["stop", "length"]
+ChatFinishReasonName = Literal["stop", "length", "tool_calls", "function_call"]
 
 
 class TopLogprob(Answer):
@@ -228,16 +240,33 @@ class ChatLogprobs(Answer):
     content: list[ChatLogprob]
 
 
+class CalledFunction(Answer):
+    name: str
+    arguments: str
+    """JSON text valid against the function's parameters."""
+
+
+class CalledTool(Answer):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class AssistantMessage(Answer):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    """Null when the answer is only tool calls."""
+    tool_calls: list[CalledTool] | None = None
+    """With `tools`, the calls the model made."""
+    function_call: CalledFunction | None = None
+    """With the legacy `functions`, the call the model made."""
 
 
 class ChatChoice(Answer):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None
-    finish_reason: FinishReasonName
+    finish_reason: ChatFinishReasonName
 
 
 class Usage(Answer):
@@ -257,17 +286,34 @@ class ChatCompletion(Answer):
     usage: Usage
 
 
+class FunctionDelta(Answer):
+    name: str | None = None
+    """In a call's first delta."""
+    arguments: str | None = None
+    """The next piece of the arguments' JSON text."""
+
+
+class ToolCallDelta(Answer):
+    index: int
+    id: str | None = None
+    """In a call's first delta."""
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
 class ChatDelta(Answer):
     role: Literal["assistant"] | None = None
     """In the first chunk only."""
-    content: str
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    """With `tools`: pieces of each call, by index."""
 
 
 class ChatChunkChoice(Answer):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None
-    finish_reason: FinishReasonName | None
+    finish_reason: ChatFinishReasonName | None
 
 
 class ChatCompletionChunk(Answer):
@@ -358,6 +404,8 @@ class Call:
     created: int
     n: int = 1
     """Choices per prompt: usage counts each prompt's tokens once."""
+    tools: ToolPlan | None = None
+    """How to read tool calls out of the answers (chat with `tools`)."""
 
 
 TEMPLATE_ARGUMENTS = frozenset(
@@ -570,7 +618,7 @@ def render_chat(ctx: ApiContext, body: ChatCompletionRequest) -> str:
     try:
         text = ctx.tokenizer.apply_chat_template(
             messages,
-            tools=body.tools or None,
+            tools=template_tools(body),
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message,
             tokenize=False,
@@ -600,10 +648,6 @@ def _check_rendered(text: str, messages: list[dict[str, Any]]) -> None:
 
 
 def validate_chat(ctx: ApiContext, body: ChatCompletionRequest) -> Call:
-    if body.tools:
-        raise unsupported("tools", f": {TOOLS}")
-    if body.tool_choice not in (None, "none", "auto"):
-        raise unsupported("tool_choice", f": {TOOLS}")
     if body.top_logprobs is not None and not body.logprobs:
         raise ValidationError("`top_logprobs` needs `logprobs` set to true")
     if body.logprobs and ctx.on_device_sampling:
@@ -615,6 +659,15 @@ def validate_chat(ctx: ApiContext, body: ChatCompletionRequest) -> Call:
     else:
         max_new, name = body.max_tokens, "max_tokens"
     constraint = _constraint(ctx, body)
+    tool_plan = tools.plan(ctx, body)
+    if tool_plan is not None:
+        if constraint is not None:
+            raise ValidationError(
+                "structured output (`response_format`, `structured_outputs`, `guided_*`) "
+                "cannot be combined with tool calls: use `tool_choice` none, or leave it out"
+            )
+        constraint = tool_plan.constraint
+        check_compatible(constraint, body.ignore_eos, body.min_tokens or 0, "the tool grammar")
     requests = _choices(ctx, body, [prompt_ids], params, max_new, name, constraint=constraint)
     return Call(
         kind="chat",
@@ -626,6 +679,7 @@ def validate_chat(ctx: ApiContext, body: ChatCompletionRequest) -> Call:
         id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
         n=body.n or 1,
+        tools=tool_plan,
     )
 
 
@@ -744,8 +798,11 @@ def response(
     choices = []
     for index, (tokens, final) in enumerate(results):
         choice: dict[str, Any] = {"index": index}
+        finish = FINISH_REASONS[final.finish_reason]
         if call.kind == "chat":
             choice["message"] = {"role": "assistant", "content": final.text}
+            if call.tools is not None:
+                choice["message"], finish = _tool_message(call.tools, tokens, final)
             choice["logprobs"] = (
                 {"content": [_chat_logprob(e.token, e.top_tokens) for e in tokens]}
                 if call.logprobs
@@ -765,13 +822,39 @@ def response(
                     0 if echoed else len(prefix),
                     first_unscored=echoed,
                 )
-        choice["finish_reason"] = FINISH_REASONS[final.finish_reason]
+        choice["finish_reason"] = finish
         choices.append(choice)
     return {
         **_envelope(call, False, fingerprint),
         "choices": choices,
         "usage": _usage([final for _, final in results], call.n),
     }
+
+
+def _raw_text(plan: ToolPlan, token: Token) -> str:
+    """A token's text as the tool parser reads it: special tokens only when they are the
+    format's markers (Mistral's `[TOOL_CALLS]`)."""
+    if token.special:
+        return token.text if token.text in plan.format.markers else ""
+    return token.text
+
+
+def _tool_message(
+    plan: ToolPlan, tokens: list[TokenEvent], final: FinalEvent
+) -> tuple[dict[str, Any], str]:
+    """The assistant message and finish reason of an answer that may hold tool calls."""
+    raw = "".join(_raw_text(plan, e.token) for e in tokens)
+    content, calls = message_calls(plan.format, raw)
+    finish = FINISH_REASONS[final.finish_reason]
+    if not calls:
+        return {"role": "assistant", "content": final.text}, finish
+    # Cut short (`length`), the complete calls are still reported, with finish reason length.
+    cut = final.finish_reason is FinishReason.LENGTH
+    if plan.legacy:
+        message = {"role": "assistant", "content": content, "function_call": calls[0]["function"]}
+        return message, finish if cut else "function_call"
+    message = {"role": "assistant", "content": content, "tool_calls": calls}
+    return message, finish if cut else "tool_calls"
 
 
 def stream(call: Call, streams: list[Iterator[Event]], fingerprint: str) -> Iterator[bytes]:
@@ -782,6 +865,7 @@ def stream(call: Call, streams: list[Iterator[Event]], fingerprint: str) -> Iter
     for index, events in enumerate(streams):
         first = True
         offset = len(call.prefixes[index])
+        parser = ToolStream(call.tools.format) if call.tools is not None else None
         if call.kind == "completion" and call.prefixes[index]:
             yield sse({**envelope, "choices": [_text_choice(index, call.prefixes[index], None)]})
         for event in events:
@@ -803,6 +887,10 @@ def stream(call: Call, streams: list[Iterator[Event]], fingerprint: str) -> Iter
             if call.kind == "chat":
                 delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {}
                 delta.setdefault("content", text)
+                if parser is not None and call.tools is not None:
+                    delta = _tool_delta(call.tools, parser, event, first)
+                    if finish is not None and parser.called and finish != "length":
+                        finish = "function_call" if call.tools.legacy else "tool_calls"
                 choice: dict[str, Any] = {
                     "index": index,
                     "delta": delta,
@@ -825,6 +913,20 @@ def stream(call: Call, streams: list[Iterator[Event]], fingerprint: str) -> Iter
     if call.include_usage:
         yield sse({**envelope, "choices": [], "usage": _usage(finals, call.n)})
     yield SSE_DONE
+
+
+def _tool_delta(plan: ToolPlan, parser: ToolStream, event: TokenEvent, first: bool) -> dict:
+    """The chat delta of one token when the answer may hold tool calls (legacy `functions`:
+    the first call as `function_call` pieces)."""
+    delta = parser.feed(_raw_text(plan, event.token), final=event.last)
+    if plan.legacy and "tool_calls" in delta:
+        pieces = [c["function"] for c in delta.pop("tool_calls") if c["index"] == 0]
+        if pieces:
+            delta["function_call"] = pieces[0]
+    if first:
+        delta = {"role": "assistant", **delta}
+        delta.setdefault("content", "")
+    return delta
 
 
 def _text_choice(index: int, text: str, finish: str | None) -> dict[str, Any]:

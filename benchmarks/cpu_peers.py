@@ -27,6 +27,7 @@ otherwise `PeerUnavailable` says what is missing, and the bench skips that peer 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import requests
 
@@ -187,6 +189,27 @@ def ensure_installed(install: Install, root: Path, nice: int = 10) -> Path:
     venv = install.venv(root)
     if install.installed(root):
         return venv
+    root.mkdir(parents=True, exist_ok=True)
+    # One installer per venv: a second bench started meanwhile waits for the first one's build.
+    with (root / f"{install.venv_name}.lock").open("w") as lock:
+        if not _try_lock(lock):
+            _log(f"{install.name}: another process is installing it; waiting")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if install.installed(root):
+            return venv
+        _install(install, venv, nice)
+    return venv
+
+
+def _try_lock(lock: IO[str]) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _install(install: Install, venv: Path, nice: int) -> None:
     ensure_debian(install.name, install.debian)
     python = venv / "bin" / "python"
     if not python.is_file():
@@ -215,7 +238,6 @@ def ensure_installed(install: Install, root: Path, nice: int = 10) -> Path:
     (venv / install.stamp).write_text(
         json.dumps({"installed_s": time.perf_counter() - started}) + "\n"
     )
-    return venv
 
 
 def site_packages(venv: Path) -> Path:

@@ -84,6 +84,12 @@ bench-engine: install test-model
 	$(PYTHON) -m benchmarks.engine --repeats 3 --out benchmarks/results/engine.json
 
 # torch.compile of the static-shape decode step, bf16 and fp32 (a few minutes: inductor builds C++).
+# Structured output's cost: batch 16 JSON-constrained against unconstrained, and the grammar
+# mask's time per step at vocabularies of 49,152 and 128,256 (benchmarks/structured.py).
+.PHONY: bench-structured
+bench-structured: install test-model
+	$(PYTHON) -m benchmarks.structured --out benchmarks/results/structured.json
+
 .PHONY: bench-compile
 bench-compile: install test-model
 	$(PYTHON) -m benchmarks.compile_step --out benchmarks/results/compile.json

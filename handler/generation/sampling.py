@@ -169,7 +169,10 @@ class TokenSelector:
                     logits[rows], index[rows], [slots[i] for i in sampled_rows]
                 )
         for rows, positions, raw in reversed(edits):
-            logits[rows, positions] = raw
+            if positions is None:
+                logits[rows] = raw  # whole rows (a grammar mask)
+            else:
+                logits[rows, positions] = raw
         if penalized:
             self._observe(index, ids)
         for i in constrained:
@@ -212,20 +215,25 @@ class TokenSelector:
         bitmask = self.bitmask[: len(constrained)]
         fill_masks(constraints, bitmask)
         vocab = scores.shape[-1]
-        allowed = unpack_bits(bitmask, vocab)  # [m, vocab]
+        banned = unpack_bits(bitmask, vocab, unset=True)  # [m, vocab]
         for j, (i, constraint) in enumerate(zip(constrained, constraints)):
-            row = allowed[j]
+            row = banned[j]
             ends = self.end_ids[slots[i]]
-            if bool(row[constraint.eos_id]) and ends.numel():
-                row[ends] = True
-            if not bool(row.any()):  # the grammar is in error: let the request end
-                row[constraint.eos_id] = True
-        rows = torch.tensor(constrained)
-        raw = scores[rows]
-        scores[rows] = raw.masked_fill(~allowed, float("-inf"))
+            if not bool(row[constraint.eos_id]) and ends.numel():
+                row[ends] = False
+            if bool(row.all()):  # the grammar is in error: let the request end
+                row[constraint.eos_id] = False
+        rows: torch.Tensor | slice
+        if len(constrained) == len(slots):  # no row copies: the common all-constrained batch
+            rows, raw = slice(None), scores.clone()
+            scores.masked_fill_(banned, float("-inf"))
+        else:
+            rows = torch.tensor(constrained)
+            raw = scores[rows]
+            scores[rows] = raw.masked_fill(banned, float("-inf"))
         self.mask_seconds += time.perf_counter() - started
         self.mask_steps += 1
-        return rows[:, None], torch.arange(vocab)[None, :], raw
+        return rows, None, raw
 
     def _advance(self, slot: int, token_id: int) -> None:
         """Move the slot's grammar past its chosen token (an end token as the grammar's own)."""
@@ -307,8 +315,9 @@ class TokenSelector:
         return ids
 
 
-_Edit = tuple[int | torch.Tensor, torch.Tensor, torch.Tensor]
-"""(rows, positions, raw values) of an in-place change to a step's logits."""
+_Edit = tuple[int | torch.Tensor | slice, torch.Tensor | None, torch.Tensor]
+"""(rows, positions, raw values) of an in-place change to a step's logits; positions None:
+whole rows."""
 
 
 def _keep(
@@ -359,10 +368,11 @@ _BITS = torch.bitwise_left_shift(
 """`[32]` int32 with bit i set in entry i (entry 31 is the sign bit)."""
 
 
-def unpack_bits(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+def unpack_bits(bitmask: torch.Tensor, vocab: int, unset: bool = False) -> torch.Tensor:
     """`[n, words]` int32 bitmask (token id t is bit t % 32 of word t // 32) -> `[n, vocab]`
-    bool."""
-    bits = (bitmask[:, :, None] & _BITS) != 0  # [n, words, 32]
+    bool: the set bits, or with `unset` the bits that are not set."""
+    words = bitmask[:, :, None] & _BITS  # [n, words, 32]
+    bits = words == 0 if unset else words != 0
     return bits.view(len(bitmask), -1)[:, :vocab]
 
 

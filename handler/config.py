@@ -127,6 +127,20 @@ class Settings:
     sm_num_gpus: int | None = None
     """Set by SageMaker GPU snippets; meaningless here, accepted and ignored."""
     log_level: str = "INFO"
+    request_header_timeout: float = 10.0
+    """Seconds a client has to send a request's line and headers (`--request-header-timeout`,
+    `REQUEST_HEADER_TIMEOUT`), from its connection or, kept alive, from the request's first
+    byte; then 408 and the connection is closed."""
+    request_body_timeout: float = 10.0
+    """Seconds a request body may take after the headers (`--request-body-timeout`,
+    `REQUEST_BODY_TIMEOUT`), plus one per `request_body_min_rate` bytes received; then 408."""
+    request_body_min_rate: int = 1000
+    """Bytes per second a long body must keep up (`--request-body-min-rate`,
+    `REQUEST_BODY_MIN_RATE`): each such amount received extends its deadline by a second."""
+    max_connections: int = 2048
+    """Open connections the server keeps (`--max-connections`, `MAX_CONNECTIONS`), idle,
+    being read or served; beyond it idle ones are closed first, then new ones get 503
+    `overloaded` (health checks excepted)."""
     shutdown_grace: float = 20.0
     compile_on_start: bool = False
     """Allow a Neuron export with no hub-cached artifacts at start-up (`--compile-on-start`,
@@ -244,6 +258,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _timeout(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise ValueError("must be more than 0 seconds")
+    return value
+
+
 def _ratio(text: str) -> float:
     try:
         value = float(text.strip())
@@ -347,6 +368,22 @@ OPTIONS = (
     _Option("sm_num_gpus", (), ("SM_NUM_GPUS",), _int),
     _Option("log_level", ("--log-level",), ("LOG_LEVEL",), lambda s: s.strip().upper()),
     _Option("shutdown_grace", ("--shutdown-grace",), ("SHUTDOWN_GRACE_SECONDS",), _seconds),
+    _Option(
+        "request_header_timeout",
+        ("--request-header-timeout",),
+        ("REQUEST_HEADER_TIMEOUT",),
+        _timeout,
+    ),
+    _Option(
+        "request_body_timeout", ("--request-body-timeout",), ("REQUEST_BODY_TIMEOUT",), _timeout
+    ),
+    _Option(
+        "request_body_min_rate",
+        ("--request-body-min-rate",),
+        ("REQUEST_BODY_MIN_RATE",),
+        _positive_int,
+    ),
+    _Option("max_connections", ("--max-connections",), ("MAX_CONNECTIONS",), _positive_int),
     _Option("compile_on_start", ("--compile-on-start",), ("NEURON_COMPILE_ON_START",), _bool),
     _Option("export_cache", ("--export-cache",), ("NEURON_EXPORT_CACHE",)),
     _Option("on_device_sampling", ("--on-device-sampling",), ("NEURON_ON_DEVICE_SAMPLING",), _bool),

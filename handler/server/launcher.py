@@ -2,7 +2,9 @@
 
 - One worker: a second would load a second model and, on Neuron, grab the same cores.
 - Threads (`gthread`): one per stream up to `MAX_CONCURRENT_REQUESTS`, plus spares so that
-  health checks and 429 answers never wait behind generations.
+  health checks and 429 answers never wait behind generations. A thread gets a request only once
+  it has been read whole: the worker's event loop reads requests, with deadlines, and caps open
+  connections (`handler.server.front`), so slow or idle clients hold no thread.
 - The master binds the port before the worker starts; the worker loads the model in a
   background thread, so `/ping` answers 503 with the loading stage at once. gunicorn's worker
   timeout (`WORKER_TIMEOUT`, 120 s) does not apply while the model loads: a native call holding
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import math
 import multiprocessing
@@ -33,11 +34,11 @@ from typing import Any
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
-from gunicorn.workers.gthread import ThreadWorker
 from gunicorn.workers.workertmp import WorkerTmp
 
 from handler.config import Settings
 from handler.server.app import SEND_TIMEOUT_SECONDS, create_app
+from handler.server.front import FrontThreadWorker, error_response
 from handler.server.metrics import Metrics
 from handler.server.state import ServerState
 
@@ -90,9 +91,9 @@ class LoadingHeartbeat:
             self.mark.value = time.monotonic()
 
 
-class DrainingWorker(ThreadWorker):
-    """A gthread worker whose SIGTERM drains the generator before it stops listening, and whose
-    heartbeat reads as current while the model loads."""
+class DrainingWorker(FrontThreadWorker):
+    """A gthread worker (with the connection front) whose SIGTERM drains the generator before it
+    stops listening, and whose heartbeat reads as current while the model loads."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # in the master, before the fork
@@ -112,7 +113,7 @@ class DrainingWorker(ThreadWorker):
 
         def drain() -> None:
             state.drain(state.settings.shutdown_grace)
-            ThreadWorker.handle_exit(self, sig, frame)
+            FrontThreadWorker.handle_exit(self, sig, frame)
 
         threading.Thread(target=drain, name="drain", daemon=True).start()
 
@@ -135,15 +136,7 @@ class StalledClientFilter(logging.Filter):
 def write_json_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
     """gunicorn's answer to a request it cannot parse (a bad request line or header, before the
     app sees it) with TGI's error body instead of an HTML page."""
-    error_type = reason.lower().replace(" ", "_")
-    body = json.dumps(
-        {"error": f"{reason}: {message}" if message else reason, "error_type": error_type}
-    )
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    gunicorn_util.write_nonblock(sock, (head + body).encode("latin-1"))
+    gunicorn_util.write_nonblock(sock, error_response(status, reason, message))
 
 
 class ServingApplication(BaseApplication):
@@ -165,11 +158,20 @@ class ServingApplication(BaseApplication):
     def load_config(self) -> None:
         settings = self.settings
         threads = settings.max_concurrent_requests + SPARE_THREADS
+        DrainingWorker.configure(
+            header_timeout=settings.request_header_timeout,
+            body_timeout=settings.request_body_timeout,
+            body_min_rate=settings.request_body_min_rate,
+            max_connections=settings.max_connections,
+            max_body=settings.payload_limit,
+        )
         config = {
             "bind": f"{settings.hostname}:{settings.port}",
             "workers": 1,
             "worker_class": DrainingWorker,
             "threads": threads,
+            # Unused by the front, which caps connections itself; set above the threads so that
+            # gunicorn does not warn that no connection can be kept alive.
             "worker_connections": max(1000, 2 * threads),
             "timeout": self.worker_timeout,
             "graceful_timeout": int(settings.shutdown_grace) + 5,

@@ -13,12 +13,21 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jsonschema
+import llguidance
 import openai
 import pytest
 import requests
 import torch
 from huggingface_hub import InferenceClient
 
+from handler.api.tools import (
+    Function,
+    ToolFormat,
+    ToolStream,
+    detect_format,
+    grammar,
+    message_calls,
+)
 from handler.generation.grammar import GrammarCompiler, fill_masks
 from handler.generation.request import SamplingParams
 from handler.generation.sampling import TokenSelector, unpack_bits
@@ -371,3 +380,89 @@ def test_the_mask_leaves_greedy_the_best_allowed_token_and_logprobs_the_models(
     logits[0, 7] = 3.0
     assert selector.select(logits, [0]).ids == [7]
     assert open_ended.finished
+
+
+# --- tool-call formats, without a server ---------------------------------------------------------
+
+HERMES = ToolFormat("hermes", "arguments", "<tool_call>\n", "\n", "\n</tool_call>")
+LLAMA = ToolFormat("llama3_json", "parameters", "", "; ", "")
+MISTRAL = ToolFormat("mistral", "arguments", "[TOOL_CALLS]", ", ", "]", 5)
+CALLS = [("get_weather", {"city": "Paris", "tags": ["a}", {"b": "]"}]}), ("get_time", {})]
+
+
+def written(fmt: ToolFormat, content: str = "") -> str:
+    """The calls as the model writes them in `fmt` (what the tool grammar lets through)."""
+    key = fmt.arguments_key
+    bodies = [json.dumps({"name": name, key: arguments}) for name, arguments in CALLS]
+    if fmt.family == "hermes":
+        return content + "\n".join(f"<tool_call>\n{b}\n</tool_call>" for b in bodies)
+    if fmt.family == "mistral":
+        return content + "[TOOL_CALLS][" + ", ".join(bodies) + "]"
+    return "; ".join(bodies)
+
+
+@pytest.mark.parametrize("fmt", [HERMES, LLAMA, MISTRAL], ids=lambda f: f.family)
+def test_each_format_parses_whole_and_streamed_to_the_same_calls(fmt: ToolFormat) -> None:
+    content = "" if fmt.family == "llama3_json" else "Let me look. "
+    text = written(fmt, content)
+    message, calls = message_calls(fmt, text)
+    assert message == (content.strip() or None)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        (name, arguments) for name, arguments in CALLS
+    ]
+    stream = ToolStream(fmt)
+    streamed_content, arguments, names = "", ["", ""], {}
+    for start in range(0, len(text), 3):  # pieces cut anywhere, markers included
+        delta = stream.feed(text[start : start + 3], final=start + 3 >= len(text))
+        streamed_content += delta.get("content", "")
+        for piece in delta.get("tool_calls", []):
+            if "id" in piece:
+                names[piece["index"]] = piece["function"]["name"]
+            arguments[piece["index"]] += piece.get("function", {}).get("arguments") or ""
+    assert streamed_content.strip() == content.strip()
+    assert names == {0: "get_weather", 1: "get_time"}
+    assert arguments == [c["function"]["arguments"] for c in calls]
+
+
+def test_text_that_only_looks_like_a_call_start_is_content() -> None:
+    assert message_calls(HERMES, "I like <tool tips>") == ("I like <tool tips>", [])
+    assert message_calls(LLAMA, "Hello {json}") == ("Hello {json}", [])
+    assert message_calls(MISTRAL, "No calls here") == ("No calls here", [])
+
+
+@pytest.mark.parametrize(
+    ("template", "family"),
+    [
+        ("{% for tool in tools %}{{ tool }}{% endfor %}<tool_call>", "hermes"),
+        ("{% if tools %}[AVAILABLE_TOOLS]{{ tools }}{% endif %}[TOOL_CALLS]", "mistral"),
+        ('{{ tools }} "parameters": dictionary of argument name', "llama3_json"),
+        ("{{ tools }} plain", None),
+        ("<tool_call> without the variable", None),
+    ],
+)  # fmt: skip
+def test_the_format_is_read_from_the_chat_template(tokenizer, template, family) -> None:
+    class Templated:
+        chat_template = template
+        all_special_tokens = ()
+        added_tokens_encoder: dict[str, int] = {}  # noqa: RUF012
+
+        def __call__(self, text: str, add_special_tokens: bool = False) -> Any:
+            return tokenizer(text, add_special_tokens=add_special_tokens)
+
+    fmt = detect_format(Templated())
+    assert (fmt.family if fmt else None) == family
+
+
+def test_tool_grammars_accept_their_format_and_refuse_others(compiler, tokenizer) -> None:
+    functions = [Function(name, {"type": "object"}) for name, _ in CALLS]
+    for fmt in (HERMES, LLAMA, ToolFormat("mistral", "arguments", "[TOOL_CALLS]", ", ", "]")):
+        for lazy in (False, True):
+            lark = llguidance.LLMatcher.grammar_from_lark(grammar(fmt, functions, True, lazy))
+            ids = tokenizer(written(fmt), add_special_tokens=False).input_ids
+            constraint = compiler.compile(lark, "tools", "tool grammar")
+            assert constraint.matcher.try_consume_tokens(ids) == len(ids), (fmt.family, lazy)
+            assert constraint.matcher.is_accepting()
+            wrong = tokenizer('{"name": "other"', add_special_tokens=False).input_ids
+            constraint = compiler.compile(lark, "tools", "tool grammar")
+            if not lazy:
+                assert constraint.matcher.try_consume_tokens(wrong) < len(wrong)

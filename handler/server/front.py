@@ -340,6 +340,15 @@ class FrontThreadWorker(ThreadWorker):
 
     def _on_readable(self, reading: Reading, _sock: socket.socket) -> None:
         try:
+            self._receive(reading)
+        except Exception:
+            # The event loop serves every connection: one connection's fault closes it alone.
+            logger.exception("connection from %s: reading the request failed", reading.conn.client)
+            if reading.active:
+                self._forget(reading)
+
+    def _receive(self, reading: Reading) -> None:
+        try:
             data = reading.conn.sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
             return

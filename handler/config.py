@@ -157,6 +157,13 @@ class Settings:
     export_cache: str | None = None
     """Where exported Neuron models are saved and found again (`--export-cache`,
     `NEURON_EXPORT_CACHE`); default `neuron-exports` under the hub cache (`/data` in the image)."""
+    torch_compile: bool = True
+    """Compile the torch backend's decode step (`--torch-compile`, `TORCH_COMPILE`, true or
+    false; handler/model/compiled.py). Off, or where the model is outside the compiled family or
+    the compile fails, `transformers`' modelling code runs op by op (logged; `/info` says why)."""
+    compile_cache: str | None = None
+    """Where compiled decode steps are kept between starts (`--compile-cache`,
+    `TORCH_COMPILE_CACHE`); default `compiled-steps` under the hub cache (`/data` in the image)."""
     """Seconds running generations get to finish after SIGTERM; SageMaker kills at 30 s."""
 
     def mms_response_timeout(self) -> float:
@@ -386,6 +393,8 @@ OPTIONS = (
     _Option("max_connections", ("--max-connections",), ("MAX_CONNECTIONS",), _positive_int),
     _Option("compile_on_start", ("--compile-on-start",), ("NEURON_COMPILE_ON_START",), _bool),
     _Option("export_cache", ("--export-cache",), ("NEURON_EXPORT_CACHE",)),
+    _Option("torch_compile", ("--torch-compile",), ("TORCH_COMPILE",), _bool),
+    _Option("compile_cache", ("--compile-cache",), ("TORCH_COMPILE_CACHE",)),
     _Option("on_device_sampling", ("--on-device-sampling",), ("NEURON_ON_DEVICE_SAMPLING",), _bool),
     _Option("neuron_rt_num_cores", (), ("NEURON_RT_NUM_CORES",), _positive_int),
     _Option("neuron_rt_visible_cores", (), ("NEURON_RT_VISIBLE_CORES",)),

@@ -14,6 +14,7 @@ from handler.config import Settings, read_settings
 from handler.errors import ConfigError
 from handler.generation.generator import Generator, eos_token_ids
 from handler.generation.request import GenerationRequest
+from handler.model import compiled
 from handler.model.base import ModelBackend
 from handler.model.resolve import ResolvedModel, choose_backend, resolve_model
 from handler.model.torch_backend import TorchBackend
@@ -112,18 +113,35 @@ def build_torch_engine(
     start: bool = True,
     on_step: Callable[[str, int, float], None] | None = None,
     model_id: str | None = None,
+    report: Callable[[str], None] = lambda stage: None,
 ) -> Engine:
-    """Load the model with the torch backend and start the scheduler thread.
+    """Load the model with the torch backend, compile its decode step (or load the compiled
+    step from the cache) unless `torch_compile` is off, and start the scheduler thread.
     `model_id` is what `/info` reports (default: the directory name)."""
     device = torch_device(settings.device)
+    dtype = torch_dtype(settings, device)
     backend = TorchBackend.from_pretrained(
         model_path,
         batch_size=settings.max_batch_size,
         sequence_length=settings.max_total_tokens,
-        dtype=torch_dtype(settings, device),
+        dtype=dtype,
         device=device,
         trust_remote_code=settings.trust_remote_code,
     )
+    if settings.torch_compile:
+        report("compiling")
+        spec = compiled.PackageSpec(
+            str(Path(model_path).resolve()),
+            dtype,
+            device,
+            settings.max_batch_size,
+            settings.max_total_tokens,
+        )
+        root = compiled.compile_root(settings.compile_cache, settings.hub_cache)
+        prepared = compiled.prepare(spec, root, backend.model.config)
+        backend.use_compiled(prepared.step, prepared.reason)
+    else:
+        backend.use_compiled(None, "the compiled step is off (TORCH_COMPILE=false)")
     return assemble(
         settings,
         backend,
@@ -207,7 +225,9 @@ def load_engine(
         engine = build_neuron_engine(settings, model, report, argv, environ or {}, on_step)
     else:
         report("loading")
-        engine = build_torch_engine(settings, model.path, on_step=on_step, model_id=model.model_id)
+        engine = build_torch_engine(
+            settings, model.path, on_step=on_step, model_id=model.model_id, report=report
+        )
     report("warming_up")
     warm_up(engine)
     return engine

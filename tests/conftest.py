@@ -25,6 +25,10 @@ from handler.testing.smollm2 import ensure_model
 # fp32 unless a test names another dtype (a bf16-capable CPU would otherwise default to bf16,
 # which tests/test_bf16.py checks against a bf16 reference). Subprocesses inherit this.
 os.environ["HF_AUTO_CAST_TYPE"] = "fp32"
+# The compiled decode step takes a minute or more to build per model, dtype and shape: the tests
+# run `transformers`' step unless they ask for the compiled one (tests/test_compiled.py and the
+# architecture tests build a few packages once per machine, in `compile_cache`).
+os.environ["TORCH_COMPILE"] = "false"
 
 PROMPTS = [
     "Hello, my name is",
@@ -54,8 +58,23 @@ def reference_model(smollm2_dir: Path) -> AutoModelForCausalLM:
 
 
 def start_engine(model_dir: Path, **env: str) -> Engine:
-    environ = {"MAX_BATCH_SIZE": "4", "MAX_TOTAL_TOKENS": "512", "HF_AUTO_CAST_TYPE": "fp32", **env}
+    environ = {
+        "MAX_BATCH_SIZE": "4",
+        "MAX_TOTAL_TOKENS": "512",
+        "HF_AUTO_CAST_TYPE": "fp32",
+        "TORCH_COMPILE": "false",
+        **env,
+    }
     return build_torch_engine(read_settings([], environ), model_dir)
+
+
+@pytest.fixture(scope="session")
+def compile_cache() -> Path:
+    """Compiled decode steps of the tests, kept between runs on this machine (next to the
+    converted SmolLM2): a package is rebuilt only when its key changes."""
+    path = Path.home() / ".cache" / "hf-neuron-serving" / "compiled-steps"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="module")

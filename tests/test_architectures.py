@@ -44,19 +44,42 @@ def configs(vocab_size: int) -> dict[str, PretrainedConfig]:
     }
 
 
+@pytest.mark.parametrize("compile", ["eager", "compiled"])
 @pytest.mark.parametrize("architecture", ["gpt2", "qwen2", "mistral", "llama"])
-def test_tiny_model_matches_generate(architecture: str, tmp_path: Path, tokenizer) -> None:
+def test_tiny_model_matches_generate(
+    architecture: str, compile: str, tmp_path: Path, tokenizer, compile_cache: Path
+) -> None:
+    """Each architecture through `transformers`' step and through the compiled step (GPT-2 is
+    outside the compiled family: it falls back to `transformers`' step and says why)."""
     torch.manual_seed(0)
     config = configs(len(tokenizer))[architecture]
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     model.generation_config.eos_token_id = 2
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    # One directory per architecture, so that the compiled packages are found again next run
+    # (their key holds the files' sizes and times).
+    directory = compile_cache.parent / "tiny-models" / architecture
+    if not (directory / "config.json").is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa").eval()
     engine = start_engine(
-        tmp_path, MAX_BATCH_SIZE="3", MAX_TOTAL_TOKENS="64", MAX_INPUT_TOKENS="40"
+        directory,
+        MAX_BATCH_SIZE="3",
+        MAX_TOTAL_TOKENS="64",
+        MAX_INPUT_TOKENS="40",
+        TORCH_COMPILE=str(compile == "compiled").lower(),
+        TORCH_COMPILE_CACHE=str(compile_cache),
     )
     try:
         assert type(engine.backend.model).__name__ == type(model).__name__
+        shape = engine.backend.shape
+        if compile == "eager":
+            assert shape.compiled_step is None
+        elif architecture == "gpt2":
+            assert shape.compiled_step is None and "gpt2" in (shape.eager_reason or "")
+        else:
+            assert shape.compiled_step is not None, shape.eager_reason
         jobs = [(tokenizer(p).input_ids, 10 + 3 * i) for i, p in enumerate(PROMPTS[:5])]
         expected = [reference_greedy(model, ids, n) for ids, n in jobs]
         handles = [engine.generator.submit(GenerationRequest(ids, n)) for ids, n in jobs]

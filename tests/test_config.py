@@ -65,6 +65,11 @@ VALID = [
     ({"HF_HOME": "/data"}, {"hub_cache": "/data/hub"}),
     ({"HUGGINGFACE_HUB_CACHE": "/cache", "HF_HOME": "/data"}, {"hub_cache": "/cache"}),
     ({"HOSTNAME": "container-42"}, {"hostname": "0.0.0.0"}),
+    ({}, {"torch_compile": True, "compile_cache": None}),
+    (
+        {"TORCH_COMPILE": "false", "TORCH_COMPILE_CACHE": "/data/steps"},
+        {"torch_compile": False, "compile_cache": "/data/steps"},
+    ),
 ]
 
 
@@ -107,6 +112,7 @@ INVALID = [
     ),
     ({"HF_MODEL_TRUST_REMOTE_CODE": "maybe"}, ["HF_MODEL_TRUST_REMOTE_CODE='maybe' is invalid"]),
     ({"SERVING_BACKEND": "tpu"}, ["SERVING_BACKEND='tpu' is invalid", "auto, torch, neuron"]),
+    ({"TORCH_COMPILE": "sometimes"}, ["TORCH_COMPILE='sometimes' is invalid", "true or false"]),
 ]
 
 

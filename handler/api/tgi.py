@@ -182,6 +182,10 @@ class Info(Answer):
     dtype: str | None
     kv_cache_dtype: str | None
     on_device_sampling: bool
+    compiled_step: str | None = None
+    """How the torch backend's decode step is compiled (None: not compiled)."""
+    eager_reason: str | None = None
+    """Why the torch backend's decode step is not compiled."""
     status: str
 
 

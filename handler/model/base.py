@@ -46,6 +46,11 @@ class ModelShape:
     prompt log-probabilities (`decoder_input_details`, `echo` with `logprobs`) can be reported."""
     max_top_k: int | None = None
     """The largest `top_k` the model honours (a compiled on-device sampler's limit); None: any."""
+    compiled_step: str | None = None
+    """How the torch backend's decode step is compiled (`handler/model/compiled.py`); None:
+    `transformers`' modelling code runs op by op."""
+    eager_reason: str | None = None
+    """Why a torch backend's step is not compiled (None where it is, and on Neuron)."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ alone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from handler.generation.request import SamplingParams
 from handler.model.base import ModelShape, PrefillOutput
+from handler.model.compiled import CompiledDecode, decode_mask
 
 logger = logging.getLogger(__name__)
 
@@ -375,6 +377,10 @@ class TorchBackend:
         self.sliding_window: int | None = (
             window if window and getattr(config, "use_sliding_window", True) else None
         )
+        self.compiled: CompiledDecode | None = None
+        self.kv: torch.Tensor | None = None
+        """With the compiled step: the whole cache, `[layers, 2, slots, kv_heads, S,
+        head_dim]`, whose layers are the `SlotKVCache`'s tensors."""
         self.shape = ModelShape(
             batch_size=batch_size,
             sequence_length=sequence_length,
@@ -384,6 +390,46 @@ class TorchBackend:
             kv_cache_dtype=str(self.kv_dtype).removeprefix("torch."),
             mixed_steps=self.packed,
         )
+
+    def use_compiled(self, step: CompiledDecode | None, reason: str | None = None) -> None:
+        """Decode with `step` (a package built for this model, slots and length), or stay on
+        `transformers`' step and say why. Call before the first forward.
+
+        The compiled step attends in fp32 inside its graph, so the cache keeps the model's
+        dtype (half the memory of the eager step's fp32 cache under bf16 on CPU). Prefills stay
+        on `transformers`' packed forward, writing the same cache; mixed steps are off (a
+        prefill then runs between two compiled decode steps)."""
+        if step is None:
+            logger.warning("decode runs eagerly (transformers' modelling code): %s", reason)
+            self.shape = dataclasses.replace(self.shape, eager_reason=reason)
+            return
+        config = self.model.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.kv = torch.zeros(
+            (
+                self.cache.num_layers,
+                2,
+                self.cache.batch_size,
+                config.num_key_value_heads,
+                self.cache.sequence_length,
+                head_dim,
+            ),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.cache.dtype = self.kv_dtype = self.dtype
+        self.cache.keys = list(self.kv[:, 0].unbind(0))
+        self.cache.values = list(self.kv[:, 1].unbind(0))
+        self.compiled = step
+        self.shape = dataclasses.replace(
+            self.shape,
+            kv_cache_dtype=str(self.dtype).removeprefix("torch."),
+            mixed_steps=False,
+            compiled_step="inductor (AOT)",
+            eager_reason=None,
+        )
+        logger.info("decode runs the compiled step (%s)", step.package)
 
     @classmethod
     def from_pretrained(
@@ -549,6 +595,8 @@ class TorchBackend:
     def decode(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_ids: list[int]
     ) -> torch.Tensor:
+        if self.compiled is not None:
+            return self._compiled_decode(input_ids, position_ids, seq_ids)
         step, tokens, query_pos, index, uniform = self._decode_layout(
             input_ids, position_ids, seq_ids
         )
@@ -565,6 +613,29 @@ class TorchBackend:
         finally:
             self.cache.step = None
         return self._logits(hidden[index, -1]).cpu()
+
+    def _compiled_decode(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_ids: list[int]
+    ) -> torch.Tensor:
+        """The compiled step over rows `0 .. max(seq_ids)`: rows not being decoded are padding
+        (token 0 at position 0, attending to nothing cached, written at the last position, which
+        a live row always writes itself before reading it). Returns `[n, vocab]` logits."""
+        assert self.compiled is not None and self.kv is not None
+        rows = max(seq_ids) + 1
+        index = torch.tensor(seq_ids)
+        tokens = torch.zeros(rows, dtype=torch.long)
+        tokens[index] = input_ids.cpu().long()
+        positions = torch.zeros(rows, dtype=torch.long)
+        positions[index] = position_ids.cpu().long()
+        write = torch.full((rows,), self.cache.sequence_length - 1, dtype=torch.long)
+        write[index] = positions[index]
+        length = max(1, int(positions.max()))
+        tokens, positions, write = (t.to(self.device) for t in (tokens, positions, write))
+        mask = decode_mask(positions, length, self.sliding_window, self.device)
+        logits, new = self.compiled(tokens, positions, mask, self.kv)
+        slots = torch.arange(rows, device=self.device)
+        self.kv[:, :, slots, :, write] = new.permute(2, 0, 1, 3, 4)
+        return logits[index.to(self.device)].cpu()
 
     @torch.inference_mode()
     def mixed(

@@ -486,6 +486,8 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
             if engine
             else None,
             on_device_sampling=getattr(shape, "on_device_sampling", False),
+            compiled_step=getattr(shape, "compiled_step", None),
+            eager_reason=getattr(shape, "eager_reason", None),
             status=state.stage.value,
         )
         return json_response(info.model_dump())

@@ -95,8 +95,40 @@ def test_on_device_sampling_serves_greedy_answers_and_refuses_seeds(
         assert switch in refused.json()["error"]
         sampled = generate(server, PROMPTS[1], 10, do_sample=True, top_k=5, temperature=0.8)
         assert sampled.status_code == 200
+        # Structured output needs host sampling: a 422 naming the field and the switch.
+        grammar = {"type": "json", "value": {"type": "object"}}
+        refused = generate(server, PROMPTS[1], 10, grammar=grammar)
+        assert refused.status_code == 422 and "`grammar`" in refused.json()["error"]
+        assert switch in refused.json()["error"]
+        body = {
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4,
+            "response_format": {"type": "json_object"},
+        }
+        refused = requests.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+        assert refused.status_code == 422 and "`response_format`" in refused.json()["error"]
+        assert switch in refused.json()["error"]
+        after = generate(server, PROMPTS[1], 10)  # the next normal request is unaffected
+        assert after.json()["generated_text"] == golden(PROMPTS[1], 10)
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_structured_output_is_enforced_with_host_sampling(neuron_server: RunningServer) -> None:
+    """A Neuron model that returns logits samples on the host, where grammars apply."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "answer": {"enum": ["yes", "no"]},
+            "score": {"type": "integer", "minimum": 0, "maximum": 10},
+        },
+        "required": ["answer", "score"],
+        "additionalProperties": False,
+    }
+    grammar = {"type": "json", "value": schema}
+    answer = generate(neuron_server, "Is the sky blue? JSON:", 30, grammar=grammar).json()
+    parsed = json.loads(answer["generated_text"])
+    assert parsed["answer"] in ("yes", "no") and isinstance(parsed["score"], int)
 
 
 def test_a_setting_that_contradicts_the_compiled_model_stops_start_up(

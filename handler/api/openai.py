@@ -653,7 +653,6 @@ def validate_chat(ctx: ApiContext, body: ChatCompletionRequest) -> Call:
     if body.logprobs and ctx.on_device_sampling:
         raise on_device_sampling_error("logprobs")
     params = _sampling(ctx, body, top_n=body.top_logprobs or 0, top_n_name="top_logprobs")
-    prompt_ids = encode(ctx, render_chat(ctx, body), _truncate(ctx, body), add_special_tokens=False)
     if body.max_completion_tokens is not None:
         max_new, name = body.max_completion_tokens, "max_completion_tokens"
     else:
@@ -668,6 +667,7 @@ def validate_chat(ctx: ApiContext, body: ChatCompletionRequest) -> Call:
             )
         constraint = tool_plan.constraint
         check_compatible(constraint, body.ignore_eos, body.min_tokens or 0, "the tool grammar")
+    prompt_ids = encode(ctx, render_chat(ctx, body), _truncate(ctx, body), add_special_tokens=False)
     requests = _choices(ctx, body, [prompt_ids], params, max_new, name, constraint=constraint)
     return Call(
         kind="chat",

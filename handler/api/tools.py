@@ -155,7 +155,8 @@ def plan(ctx: ApiContext, body: Any) -> ToolPlan | None:
         return None
     forced: str | None = None
     if isinstance(choice, dict):
-        named = choice.get("name") if legacy else (choice.get("function") or {}).get("name")
+        spec = choice if legacy else choice.get("function")
+        named = spec.get("name") if isinstance(spec, dict) else None
         if named not in {f.name for f in functions}:
             listed = "functions" if legacy else "tools"
             raise ValidationError(f"`{choice_name}` names a function that is not in `{listed}`")

@@ -403,7 +403,7 @@ def targets(report: dict[str, Any]) -> list[Target]:
         )
     )
     theirs = family_system(report, "llama.cpp", MEMORY_SLOTS)
-    tokens = (ours or {}).get("max_total_tokens")
+    tokens = (ours or {}).get("max_total_tokens") or report["options"].get("max_total_tokens")
     same = bool(ours and theirs and theirs.get("max_total_tokens") == tokens)
     found.append(
         Target(

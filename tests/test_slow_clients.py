@@ -402,6 +402,8 @@ def test_connections_over_the_cap_are_refused_at_once_and_streams_keep_pace(
     flooding.set()
     fillers: list[socket.socket] = []
     refusals: list[tuple[float, float, int, Any]] = []
+    full = threading.Event()
+    """Set at the first refusal: the server itself counts the cap as full."""
 
     def flood() -> None:
         """Once the streams run: slow clients fill the cap, then new connections keep coming."""
@@ -416,11 +418,14 @@ def test_connections_over_the_cap_are_refused_at_once_and_streams_keep_pace(
                 sock.sendall(b"GET /info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 status, body = read_answer(sock, 5)
             refusals.append((time.monotonic(), time.monotonic() - started, status, body))
+            if status == 503:
+                full.set()
             time.sleep(0.01)
 
     def silent_then_ping() -> list[tuple[float, int]]:
-        running.wait(60)
-        time.sleep(0.5)
+        # Not before the cap is full (a busy machine takes a while to open the fillers): a
+        # connection within the cap would rightly wait for its headers.
+        assert full.wait(60), "no connection was refused: the cap never filled"
         seen = []
         for _ in range(5):
             started = time.monotonic()

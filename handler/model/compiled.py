@@ -92,7 +92,8 @@ class LeanDecode(torch.nn.Module):
     The weights are the model's own, with q/k/v and gate/up concatenated (one product each).
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, sequence_length: int) -> None:
+        """`sequence_length`: positions per cache row (the rotary tables' length)."""
         super().__init__()
         config = model.config
         decoder = model.model
@@ -130,7 +131,7 @@ class LeanDecode(torch.nn.Module):
             lean.norm2 = frozen(layer.post_attention_layernorm.weight)
             self.layers.append(lean)
         # The model's own rotary embedding (any rope scaling), for every position, in fp32.
-        positions = torch.arange(model.config.max_position_embeddings)
+        positions = torch.arange(sequence_length)
         probe = torch.zeros(1, dtype=torch.float32, device=self.embed.device)
         with torch.no_grad():
             cos, sin = decoder.rotary_emb(probe, positions[None].to(probe.device))
@@ -262,18 +263,10 @@ def build_package(spec: PackageSpec, out: Path) -> None:
     reason = uncovered(model.config)
     if reason:
         raise ValueError(reason)
-    step = LeanDecode(model.eval()).eval()
+    step = LeanDecode(model.eval(), spec.sequence_length).eval()
     del model
-    config = step
     cache = torch.zeros(
-        (
-            len(config.layers),
-            2,
-            spec.slots,
-            config.kv_heads,
-            spec.sequence_length,
-            config.head_dim,
-        ),
+        (len(step.layers), 2, spec.slots, step.kv_heads, spec.sequence_length, step.head_dim),
         dtype=dtype,
         device=spec.device,
     )

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import torch
 from transformers import AutoTokenizer
 
 from benchmarks import report as reporting
@@ -84,7 +85,14 @@ from benchmarks.monitor import (
     wait_for_quiet,
 )
 from benchmarks.peer import default_venv, ensure_venv, start_peer
-from benchmarks.servers import EAGER_ENV, ServerProcess, compile_cache_env, start_ours
+from benchmarks.servers import (
+    COMPILE_CACHE_ENV,
+    EAGER_ENV,
+    ServerProcess,
+    compile_cache_env,
+    start_ours,
+)
+from handler.config import DTYPE_ALIASES
 
 _STARTED = time.perf_counter()
 WARMUP_REQUESTS = 4
@@ -304,11 +312,45 @@ def timed_start(
     return server, timing
 
 
-def compiled_bare_step_ms(options: Options, batch: int, dtype: str) -> float | None:
-    """HOOK for target 3 (the lead fills it in): the compiled bare decode step at `batch` rows
-    (ms), measured in this process just before our arrivals run, in `dtype`, over the same
-    static-shape step our server compiles. None: not measured, and target 3 says so."""
-    return None
+def compiled_bare_step_ms(
+    options: Options, batch: int, dtype: str, compile_cache: Path, prompt_tokens: int
+) -> float | None:
+    """Target 3's reference: the compiled decode step our server runs, bare (no engine, no HTTP),
+    at `batch` rows (ms). The package is the one our server built into `compile_cache` (loaded,
+    not rebuilt); the rows decode `max_new_tokens` steps from `prompt_tokens` cached positions
+    (the benchmark prompts' mean length), and the step time is the mean over those steps, best of
+    `ceiling_repeats` runs, as the bare loop's step. None where the model has no compiled step."""
+    from handler.model import compiled
+    from handler.model.torch_backend import TorchBackend
+
+    backend = TorchBackend.from_pretrained(
+        options.model_dir, batch, options.max_total_tokens, dtype=DTYPE_ALIASES[dtype]
+    )
+    spec = compiled.PackageSpec(
+        str(Path(options.model_dir).resolve()),
+        DTYPE_ALIASES[dtype],
+        "cpu",
+        batch,
+        options.max_total_tokens,
+    )
+    root = compile_cache / COMPILE_CACHE_ENV["TORCH_COMPILE_CACHE"]
+    prepared = compiled.prepare(spec, root, backend.model.config)
+    if prepared.step is None:
+        progress(f"compiled bare step: not measured ({prepared.reason})")
+        return None
+    backend.use_compiled(prepared.step)
+    rows = list(range(batch))
+    tokens = torch.randint(0, backend.model.config.vocab_size, (batch,))
+    steps = max(1, min(options.max_new_tokens, options.max_total_tokens - prompt_tokens - 1))
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(options.ceiling_repeats + 1):  # the first run warms up
+            started = time.perf_counter()
+            for step in range(steps):
+                positions = torch.full((batch,), prompt_tokens + step)
+                backend.decode(tokens, positions, rows)
+            best = min(best, (time.perf_counter() - started) / steps)
+    return best * 1e3
 
 
 def bench_ours(options: Options, batch: int, work: Path) -> dict[str, Any]:
@@ -370,7 +412,9 @@ def bench_ours(options: Options, batch: int, work: Path) -> dict[str, Any]:
             rate = arrival_rate(options, batch, levels)
             count = options.arrival_requests_per_slot * batch
             arrivals_step_ms = reference.point(batch).step_ms
-            compiled_step_ms = compiled_bare_step_ms(options, batch, info["dtype"])
+            compiled_step_ms = compiled_bare_step_ms(
+                options, batch, info["dtype"], cache, reference.prompt_tokens
+            )
             arrivals = measure(
                 options,
                 server,

@@ -85,6 +85,22 @@ def data_events(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
             yield json.loads(line[len(b"data: ") :])
 
 
+def wait_for(server: RunningServer, queue: int, timeout: float = 30) -> None:
+    """Until both slots of `server` are busy and `queue` requests wait."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (metric(server, "tgi_batch_current_size"), metric(server, "tgi_queue_size")) == (
+            2,
+            queue,
+        ):
+            return
+        time.sleep(0.05)
+    raise AssertionError(
+        f"queue {metric(server, 'tgi_queue_size')}, "
+        f"batch {metric(server, 'tgi_batch_current_size')}: expected {queue} and 2"
+    )
+
+
 def wait_idle(server: RunningServer, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -243,47 +259,47 @@ def test_a_burst_over_the_limit_is_refused_at_once_and_the_queue_stays_bounded(
 def test_sigterm_under_load_ends_every_request_within_the_grace_period(
     smollm2_dir: Path, tmp_path: Path
 ) -> None:
-    """2 slots, grace 5 s: a short stream finishes, the long ones (running and waiting) end
-    with an error event, waiting non-streaming requests get 503, and the server exits 0."""
+    """2 slots, grace 5 s: a short stream finishes; then, with two long streams running and
+    three requests waiting, SIGTERM: the long streams (running and waiting) end with an error
+    event, waiting non-streaming requests get 503, and the server exits 0."""
     grace = 5.0
     server = launch_server(
         smollm2_dir, tmp_path, MAX_BATCH_SIZE="2", SHUTDOWN_GRACE_SECONDS=str(grace)
     )
+    body = {"inputs": COUNTING, "parameters": {"max_new_tokens": 400}}
 
     def stream(max_new_tokens: int) -> Iterator[bytes]:
         """The lines of a stream (keep the iterator: dropping it closes the connection)."""
-        body = {"inputs": COUNTING, "parameters": {"max_new_tokens": max_new_tokens}}
+        long_body = {"inputs": COUNTING, "parameters": {"max_new_tokens": max_new_tokens}}
         response = requests.post(
-            f"{server.url}/generate_stream", json=body, stream=True, timeout=60
+            f"{server.url}/generate_stream", json=long_body, stream=True, timeout=60
         )
         return response.iter_lines()
 
+    def last_event_of_a_stream() -> dict[str, Any]:
+        return list(data_events(stream(400)))[-1]
+
     try:
         events = {"short": data_events(stream(6)), "long": data_events(stream(400))}
-        assert next(events["short"])["index"] == 1 and next(events["long"])["index"] == 1
-        waiting = [stream(400) for _ in range(2)]
-        with ThreadPoolExecutor(2) as pool:
+        assert next(events["long"])["index"] == 1
+        last_short = list(events["short"])[-1]
+        assert last_short["details"] is None and last_short["generated_text"]
+        # In threads: a queued stream's response may begin only when it is admitted.
+        with ThreadPoolExecutor(4) as pool:
+            waiting = [pool.submit(last_event_of_a_stream) for _ in range(2)]
+            # One stream takes the short one's slot, the other queues; then the plain ones.
+            wait_for(server, queue=1)
             plain = [
-                pool.submit(
-                    requests.post,
-                    f"{server.url}/generate",
-                    json={"inputs": COUNTING, "parameters": {"max_new_tokens": 400}},
-                    timeout=60,
-                )
+                pool.submit(requests.post, f"{server.url}/generate", json=body, timeout=60)
                 for _ in range(2)
             ]
-            deadline = time.monotonic() + 30
-            while metric(server, "tgi_queue_size") < 4 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert metric(server, "tgi_queue_size") == 4
+            wait_for(server, queue=3)
             signalled = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
-            last_short = list(events["short"])[-1]
             last_long = list(events["long"])[-1]
-            last_waiting = [list(data_events(lines))[-1] for lines in waiting]
-            ended = time.monotonic() - signalled
+            last_waiting = [future.result() for future in waiting]
             answers = [future.result() for future in plain]
-        assert last_short["details"] is None and last_short["generated_text"]
+            ended = time.monotonic() - signalled
         for last in [last_long, *last_waiting]:
             assert last["error_type"] == "healthcheck", last
             assert "shutting down" in last["error"]

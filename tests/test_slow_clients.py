@@ -338,7 +338,7 @@ def test_pipelined_and_expect_continue_requests_are_served(deadlines: RunningSer
 
 CAP = 32
 """MAX_CONNECTIONS of the server below: 16 streams and 16 slow clients fill it."""
-STREAM_TOKENS = 24
+STREAM_TOKENS = 48
 LOAD_SECONDS: list[float] = []
 """How long the server below took to start and load the model."""
 
@@ -422,19 +422,24 @@ def test_connections_over_the_cap_are_refused_at_once_and_streams_keep_pace(
                 full.set()
             time.sleep(0.01)
 
-    def silent_then_ping() -> list[tuple[float, int]]:
-        # Not before the cap is full (a busy machine takes a while to open the fillers): a
-        # connection within the cap would rightly wait for its headers.
+    def silent_then_ping() -> list[tuple[float, float, int, float, int]]:
+        """(connected at, seconds, status) of a silent connection, then of a /ping, five times.
+        A silent connection made after a stream ended is within the cap again, and rightly
+        waits for its headers: those time out (status 0) and are left out below."""
+        # Not before the cap is full (a busy machine takes a while to open the fillers).
         assert full.wait(60), "no connection was refused: the cap never filled"
         seen = []
         for _ in range(5):
             started = time.monotonic()
             with socket.create_connection((host, port)) as silent:
-                status, _ = read_answer(silent, 5)  # says nothing: refused after probation
-            seen.append((time.monotonic() - started, status))
-            started = time.monotonic()
-            status = requests.get(f"{capped.url}/ping", timeout=5).status_code
-            seen.append((time.monotonic() - started, status))
+                try:
+                    status, _ = read_answer(silent, 3)  # says nothing: refused after probation
+                except TimeoutError:
+                    status = 0
+            refused = time.monotonic() - started
+            pinged = time.monotonic()
+            ping = requests.get(f"{capped.url}/ping", timeout=5).status_code
+            seen.append((started, refused, status, time.monotonic() - pinged, ping))
         return seen
 
     with ThreadPoolExecutor(2) as pool:
@@ -457,15 +462,18 @@ def test_connections_over_the_cap_are_refused_at_once_and_streams_keep_pace(
     print(
         f"\ninter-token latency alone {alone * 1000:.0f} ms and {again * 1000:.0f} ms, flooded "
         f"{flooded * 1000:.0f} ms ({flooded / baseline:.2f}x); {len(refusals)} refused, "
-        f"slowest {worst:.3f} s; probes {[(round(s, 3), st) for s, st in probes]}"
+        f"slowest {worst:.3f} s; probes {[tuple(round(x, 3) for x in p[1:]) for p in probes]}"
     )
     assert len(refusals) >= 20
     for _, status, body in refusals:
         assert status == 503 and body["error_type"] == "overloaded", (status, body)
     assert worst < 1.0
-    assert [status for _, status in probes] == [503, 200] * 5, probes
-    assert max(seconds for seconds, _ in probes) < 1.0, probes
-    assert all(seconds >= PROBATION_SECONDS for seconds, _ in probes[::2])
+    while_full = [probe for probe in probes if probe[0] < min(last_events)]
+    assert len(while_full) >= 2, probes
+    for _, refused, status, _pinged, _ping in while_full:
+        assert status == 503 and PROBATION_SECONDS <= refused < 1.0, probes
+    for *_, pinged, ping in probes:
+        assert ping == 200 and pinged < 1.0, probes
     assert flooded <= 1.5 * baseline, (alone, flooded, again)
 
 

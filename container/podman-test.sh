@@ -12,7 +12,8 @@
 #      the PyTorch CPU index when it answers, else from a directory holding the local CPU wheel.
 #   5. The test suite inside the test image, with --network none.
 #   6. The runtime image: `serve` with the model mounted at /opt/ml/model, /ping, /invocations, a
-#      stream, `podman healthcheck run`, the TGI-launcher form; `podman stop` drains, exits 0.
+#      stream, the compiled decode step built and running (/info), `podman healthcheck run`, the
+#      TGI-launcher form; `podman stop` drains, exits 0.
 #
 # MODEL_DIR: the model to mount (default: the bundled SmolLM2 model, `python3 -m
 # handler.testing.smollm2`). IMAGE_REPO_NAME: the image name (default hf-neuron-serving).
@@ -320,6 +321,11 @@ smoke_test() {
     case "$answer" in
         '[{"generated_text":'*) pass "/invocations: ${answer:0:100}" ;;
         *) fail "/invocations: $answer" ;;
+    esac
+    answer="$(curl -s "$url/info")"
+    case "$answer" in
+        *'"compiled_step":"inductor (AOT)"'*) pass "the compiled decode step was built and runs" ;;
+        *) fail "the compiled decode step does not run: /info says $answer" ;;
     esac
     answer="$(curl -sN "$url/generate_stream" -H 'Content-Type: application/json' \
         -d '{"inputs": "Hello!", "parameters": {"max_new_tokens": 8}}')"

@@ -412,7 +412,11 @@ class FrontThreadWorker(ThreadWorker):
         if reading.lingering:
             self._forget(reading)
         elif reading.probation:
-            self._refuse(reading)
+            # A busy loop may reach the deadline before the readiness event of a health check
+            # that has arrived: read what the socket holds first.
+            self._receive(reading)
+            if reading.active and reading.probation:
+                self._refuse(reading)
         elif reading.body_started is None:
             self._answer(
                 reading,

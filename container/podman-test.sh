@@ -7,7 +7,8 @@
 #      ulimits it may set (podman raises nofile and nproc past a low hard limit, and the container
 #      then fails to start), the extra CA certificates the package index is reached through.
 #   3. The Dockerfile's FROM image, only when it is missing (--pull=never): a stand-in made with
-#      debootstrap (Debian 12 with Debian's python3 and pip, as python:3.11-slim-bookworm is).
+#      debootstrap (Debian 12 with Debian's python3, its headers and pip, as
+#      python:3.11-slim-bookworm is).
 #   4. The runtime and test targets, --format docker (an OCI image has no HEALTHCHECK), torch from
 #      the PyTorch CPU index when it answers, else from a directory holding the local CPU wheel.
 #   5. The test suite inside the test image, with --network none.
@@ -150,7 +151,7 @@ base_image() {
 }
 
 # python:3.11-slim-bookworm as far as the Dockerfile uses it: Debian 12, python and pip in
-# /usr/local/bin, pip allowed to install into the system (no EXTERNALLY-MANAGED), apt sources.
+# /usr/local/bin, Python's headers (inductor compiles against them), pip allowed to install into the system (no EXTERNALLY-MANAGED), apt sources.
 build_standin_base() {
     local name="$1" root
     command -v debootstrap >/dev/null || {
@@ -163,7 +164,7 @@ build_standin_base() {
     }
     root="$(mktemp -d /var/tmp/image-test-base.XXXXXX)"
     say "$name is missing: building a stand-in with debootstrap (a few minutes)"
-    debootstrap --variant=minbase --include=python3,python3-pip,python3-venv,ca-certificates \
+    debootstrap --variant=minbase --include=python3,python3-dev,python3-pip,python3-venv,ca-certificates \
         bookworm "$root" http://deb.debian.org/debian >"$root.log" 2>&1 || {
         tail -n 20 "$root.log" >&2
         rm -rf "$root" "$root.log"

@@ -555,15 +555,14 @@ def test_the_test_stage_declares_no_health_check(cpu_dockerfile: list[Instructio
 
 
 def test_both_images_can_build_the_compiled_step(cpu_dockerfile: list[Instruction]) -> None:
-    """Inductor compiles C++ at the first start (handler/model/compiled.py): without g++ and
-    Python's headers the server falls back to the eager step (found by `make image-test`)."""
+    """Inductor compiles C++ at the first start (handler/model/compiled.py): without g++ the
+    server falls back to the eager step (found by `make image-test`, which also checks /info)."""
     for target in ("", "test"):
         image = image_instructions(cpu_dockerfile, target)
         installs = [
             i.arguments for i in image if i.keyword == "RUN" and "apt-get install" in i.arguments
         ]
         assert any(re.search(r"\bg\+\+(\s|$)", run) for run in installs), target or "runtime"
-        assert any("Python.h" in run and "python3-dev" in run for run in installs)
 
 
 def requirement_pins(path: Path) -> dict[str, str]:

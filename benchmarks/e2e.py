@@ -323,16 +323,12 @@ def compiled_bare_step_ms(
     from handler.model import compiled
     from handler.model.torch_backend import TorchBackend
 
+    short = DTYPE_ALIASES[dtype]
     backend = TorchBackend.from_pretrained(
-        options.model_dir, batch, options.max_total_tokens, dtype=DTYPE_ALIASES[dtype]
+        options.model_dir, batch, options.max_total_tokens, dtype=short
     )
-    spec = compiled.PackageSpec(
-        str(Path(options.model_dir).resolve()),
-        DTYPE_ALIASES[dtype],
-        "cpu",
-        batch,
-        options.max_total_tokens,
-    )
+    model_path = str(Path(options.model_dir).resolve())
+    spec = compiled.PackageSpec(model_path, short, "cpu", batch, options.max_total_tokens)
     root = compile_cache / COMPILE_CACHE_ENV["TORCH_COMPILE_CACHE"]
     prepared = compiled.prepare(spec, root, backend.model.config)
     if prepared.step is None:

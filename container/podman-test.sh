@@ -151,7 +151,8 @@ base_image() {
 }
 
 # python:3.11-slim-bookworm as far as the Dockerfile uses it: Debian 12, python and pip in
-# /usr/local/bin, Python's headers (inductor compiles against them), pip allowed to install into the system (no EXTERNALLY-MANAGED), apt sources.
+# /usr/local/bin, Python's headers (inductor compiles against them), pip allowed to install into
+# the system (no EXTERNALLY-MANAGED), apt sources.
 build_standin_base() {
     local name="$1" root
     command -v debootstrap >/dev/null || {
@@ -164,7 +165,8 @@ build_standin_base() {
     }
     root="$(mktemp -d /var/tmp/image-test-base.XXXXXX)"
     say "$name is missing: building a stand-in with debootstrap (a few minutes)"
-    debootstrap --variant=minbase --include=python3,python3-dev,python3-pip,python3-venv,ca-certificates \
+    debootstrap --variant=minbase \
+        --include=python3,python3-dev,python3-pip,python3-venv,ca-certificates \
         bookworm "$root" http://deb.debian.org/debian >"$root.log" 2>&1 || {
         tail -n 20 "$root.log" >&2
         rm -rf "$root" "$root.log"

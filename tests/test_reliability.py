@@ -89,10 +89,8 @@ def wait_for(server: RunningServer, queue: int, timeout: float = 30) -> None:
     """Until both slots of `server` are busy and `queue` requests wait."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (metric(server, "tgi_batch_current_size"), metric(server, "tgi_queue_size")) == (
-            2,
-            queue,
-        ):
+        busy, waiting = metric(server, "tgi_batch_current_size"), metric(server, "tgi_queue_size")
+        if (busy, waiting) == (2, queue):
             return
         time.sleep(0.05)
     raise AssertionError(
@@ -270,9 +268,9 @@ def test_sigterm_under_load_ends_every_request_within_the_grace_period(
 
     def stream(max_new_tokens: int) -> Iterator[bytes]:
         """The lines of a stream (keep the iterator: dropping it closes the connection)."""
-        long_body = {"inputs": COUNTING, "parameters": {"max_new_tokens": max_new_tokens}}
+        payload = {"inputs": COUNTING, "parameters": {"max_new_tokens": max_new_tokens}}
         response = requests.post(
-            f"{server.url}/generate_stream", json=long_body, stream=True, timeout=60
+            f"{server.url}/generate_stream", json=payload, stream=True, timeout=60
         )
         return response.iter_lines()
 

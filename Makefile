@@ -88,7 +88,7 @@ bench-engine: install test-model
 # mask's time per step at vocabularies of 49,152 and 128,256 (benchmarks/structured.py).
 .PHONY: bench-structured
 bench-structured: install test-model
-	$(PYTHON) -m benchmarks.structured --out benchmarks/results/structured.json
+	$(PYTHON) -m benchmarks.structured --out benchmarks/results/structured.json --readme README.md
 
 .PHONY: bench-compile
 bench-compile: install test-model

@@ -933,13 +933,17 @@ def readme_block(report: dict[str, Any], results_dir: str) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, block: str) -> None:
-    """Replace the text between the README's markers with `block`."""
+def update_readme(
+    readme: Path, block: str, markers: tuple[str, str] = (README_START, README_END)
+) -> None:
+    """Replace the README's text from the start marker to the end marker with `block` (which
+    starts and ends with them)."""
+    start_marker, end_marker = markers
     text = readme.read_text()
-    start, end = text.find(README_START), text.find(README_END)
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < start:
-        raise SystemExit(f"{readme} has no {README_START!r} ... {README_END!r} markers")
-    readme.write_text(text[:start] + block + text[end + len(README_END) :])
+        raise SystemExit(f"{readme} has no {start_marker!r} ... {end_marker!r} markers")
+    readme.write_text(text[:start] + block + text[end + len(end_marker) :])
 
 
 def write(report: dict[str, Any], out: Path) -> str:

@@ -382,6 +382,38 @@ def test_the_mask_leaves_greedy_the_best_allowed_token_and_logprobs_the_models(
     assert open_ended.finished
 
 
+def test_masks_computed_during_the_forward_choose_as_masks_computed_after_it(
+    compiler, tokenizer
+) -> None:
+    """`prepare` (masks computed while the model runs) changes nothing the selector chooses,
+    also when a prepared step never reaches `select` (its forward failed) and the next step
+    has other rows."""
+    vocab = len(tokenizer)
+    schema = {"type": "array", "items": {"type": "string", "maxLength": 6}, "minItems": 1}
+    selectors = [TokenSelector(3, vocab), TokenSelector(3, vocab)]
+    for selector in selectors:
+        grammars = [compiler.regex("[0-9]{1,40}", "regex"), compiler.json_schema(schema, "schema")]
+        for slot, constraint in enumerate(grammars):
+            selector.assign(
+                slot, SamplingParams(), [1], frozenset({tokenizer.eos_token_id}), constraint
+            )
+        selector.assign(2, SamplingParams(), [1])
+    overlapped, plain = selectors
+    chooser = torch.Generator().manual_seed(0)
+    written: list[int] = []  # slot 1's tokens
+    for step in range(24):
+        slots = [0, 1, 2] if step % 5 else [1, 2]
+        logits = torch.randn(len(slots), vocab, generator=chooser)
+        # Step 7 is not prepared; a step with other rows was, and its forward failed.
+        overlapped.prepare([1, 2] if step == 7 else slots)
+        ids = overlapped.select(logits.clone(), slots).ids
+        assert ids == plain.select(logits.clone(), slots).ids
+        written.append(ids[slots.index(1)])
+    assert overlapped.mask_steps == plain.mask_steps == 24
+    text = tokenizer.decode(written)
+    assert text.startswith('["')  # the grammar held: a JSON array of strings
+
+
 # --- tool-call formats, without a server ---------------------------------------------------------
 
 HERMES = ToolFormat("hermes", "arguments", "<tool_call>\n", "\n", "\n</tool_call>")

@@ -8,6 +8,9 @@ One thread owns the model. Each loop iteration:
    admitted when a slot is free, since its prompt is at most `max_input_tokens`);
 3. runs one decode step over every slot that holds a request.
 
+Grammar masks of constrained rows are computed on a worker thread while the step's forward
+runs (`TokenSelector.prepare`), and applied when its logits arrive.
+
 When the backend can (`ModelShape.mixed_steps`), steps 2 and 3 are one forward: the decode
 queries of the running slots and the admitted prompts, packed in one sequence, so that a
 prefill pauses the streams for its prompt's tokens only. If such a step fails, its prefill and
@@ -281,6 +284,7 @@ class Generator:
         seq_ids = [slot.index for slot in slots]
         started = time.monotonic()
         try:
+            self.selector.prepare(seq_ids)
             output = self.backend.prefill(
                 [r.prompt_ids for r in requests],
                 seq_ids,
@@ -319,6 +323,7 @@ class Generator:
         backend = cast(MixedBackend, self.backend)  # `shape.mixed_steps` said it can
         started = time.monotonic()
         try:
+            self.selector.prepare(seq_ids + prompt_seq_ids)
             logits, output = backend.mixed(
                 input_ids,
                 positions,
@@ -347,6 +352,7 @@ class Generator:
         input_ids, positions = self._last_tokens(slots)
         started = time.monotonic()
         try:
+            self.selector.prepare(seq_ids)
             logits = self.backend.decode(input_ids, positions, seq_ids)
             selection = self.selector.select(logits, seq_ids)
         except Exception as exc:

@@ -5,7 +5,8 @@ carries a `Constraint`: an llguidance matcher compiled in the request thread (so
 schema is a 422 before anything is queued, and compiling never stalls the scheduler thread),
 then advanced one token at a time by the token selector on the scheduler thread. Each step the
 selector asks every constrained row for its allowed set, as a bitmask (`[words]` int32, one bit
-per token id), computed for all rows at once by llguidance's thread pool with the GIL released.
+per token id), computed for all rows at once by llguidance's thread pool with the GIL released,
+on a worker thread while the model runs the step's forward (`TokenSelector.prepare`).
 
 llguidance reads the tokenizer's own vocabulary (`GrammarCompiler`, built once per tokenizer,
 about 0.3 s for a 49k vocabulary). Its end-of-sequence token stands for every token that ends

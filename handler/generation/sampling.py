@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -81,8 +83,40 @@ class TokenSelector:
         self.bitmask = torch.zeros(batch_size, (vocab_size + 31) // 32, dtype=torch.int32)
         """`[batch_size, words]` allowed-token bits of the constrained rows of a step."""
         self.mask_seconds = 0.0
-        """Time spent computing and applying grammar masks (the benchmark reports it)."""
+        """Time the step waited for grammar masks and spent applying them (the benchmark
+        reports it)."""
         self.mask_steps = 0
+        self._pending: tuple[list[int], Future[torch.Tensor]] | None = None
+        """Masks being computed while the model runs: (the step's slots, completion)."""
+        self._masker: ThreadPoolExecutor | None = None
+
+    def prepare(self, slots: list[int]) -> None:
+        """Start computing the grammar masks of the next `select(logits, slots)` in the
+        background, so that they are ready when the forward that produces `logits` ends. Call
+        it just before that forward; the rows' grammars must not advance until `select`. Does
+        nothing when no row is constrained."""
+        rows = [s for s in slots if self.constraints[s] is not None]
+        if not rows:
+            return
+        if self._masker is None:
+            self._masker = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+        constraints = cast(list[Constraint], [self.constraints[s] for s in rows])
+        ends = [self.end_ids[s] for s in rows]
+        self._pending = (list(slots), self._masker.submit(self._banned, constraints, ends))
+
+    def _banned(self, constraints: list[Constraint], ends: list[torch.Tensor]) -> torch.Tensor:
+        """`[m, vocab]` bool: the tokens each grammar does not allow next. Its end token stands
+        for every one of the row's end tokens, `ends[row]`."""
+        bitmask = self.bitmask[: len(constraints)]
+        fill_masks(constraints, bitmask)
+        banned = unpack_bits(bitmask, self.vocab_size, unset=True)
+        eos_banned = banned[range(len(constraints)), [c.eos_id for c in constraints]].tolist()
+        for row, row_ends in enumerate(ends):
+            if not eos_banned[row] and row_ends.numel():
+                banned[row, row_ends] = False
+        for row in banned.all(dim=-1).nonzero()[:, 0].tolist():
+            banned[row, constraints[row].eos_id] = False  # the grammar is in error: let it end
+        return banned
 
     def assign(
         self,
@@ -150,29 +184,30 @@ class TokenSelector:
         normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)  # [n, 1]
         # Biases, bans and penalties are applied in place on the few positions they touch and
         # undone afterwards (in reverse order): cheaper than copying `[n, vocab]`, and the
-        # log-probabilities below are the model's own.
+        # log-probabilities below are the model's own. A grammar mask writes a masked copy,
+        # `scores`, on which the rest works and which needs no undoing.
         edits = self._edit(logits, slots)
+        scores = logits
         constrained = [i for i, s in enumerate(slots) if self.constraints[s] is not None]
         if constrained:
-            edits.append(self._mask(logits, slots, constrained))
+            scores = self._mask(logits, slots, constrained)
         penalized = self.counts is not None and any(p.penalized for p in params)
         if penalized:
-            edits.append(self._penalize(logits, index))
+            edit = self._penalize(scores, index)
+            if scores is logits:
+                edits.append(edit)
         sampled_rows = [i for i, p in enumerate(params) if p.sampling]
         if len(sampled_rows) == len(params):
-            ids = self._sample(logits, index, slots)
+            ids = self._sample(scores, index, slots)
         else:
-            ids = logits.argmax(dim=-1)
+            ids = scores.argmax(dim=-1)
             if sampled_rows:
                 rows = torch.tensor(sampled_rows)
                 ids[rows] = self._sample(
-                    logits[rows], index[rows], [slots[i] for i in sampled_rows]
+                    scores[rows], index[rows], [slots[i] for i in sampled_rows]
                 )
         for rows, positions, raw in reversed(edits):
-            if positions is None:
-                logits[rows] = raw  # whole rows (a grammar mask)
-            else:
-                logits[rows, positions] = raw
+            logits[rows, positions] = raw
         if penalized:
             self._observe(index, ids)
         for i in constrained:
@@ -206,34 +241,29 @@ class TokenSelector:
                 self.banned_steps[slot] -= 1
         return edits
 
-    def _mask(self, scores: torch.Tensor, slots: list[int], constrained: list[int]) -> _Edit:
-        """Set every token the row's grammar does not allow to -inf, in place, for the rows
-        `constrained` (indices into `slots`). The grammar's end token stands for all of the
-        row's end tokens. Returns what to restore."""
+    def _mask(self, scores: torch.Tensor, slots: list[int], constrained: list[int]) -> torch.Tensor:
+        """A copy of `scores` with every token that a row's grammar does not allow at -inf, for
+        the rows `constrained` (indices into `slots`). The masks were computed during the
+        forward when `prepare` was told of this step, else they are computed now."""
         started = time.perf_counter()
-        constraints = [self.constraints[slots[i]] for i in constrained]
-        bitmask = self.bitmask[: len(constrained)]
-        fill_masks(constraints, bitmask)
-        vocab = scores.shape[-1]
-        banned = unpack_bits(bitmask, vocab, unset=True)  # [m, vocab]
-        for j, (i, constraint) in enumerate(zip(constrained, constraints)):
-            row = banned[j]
-            ends = self.end_ids[slots[i]]
-            if not bool(row[constraint.eos_id]) and ends.numel():
-                row[ends] = False
-            if bool(row.all()):  # the grammar is in error: let the request end
-                row[constraint.eos_id] = False
-        rows: torch.Tensor | slice
-        if len(constrained) == len(slots):  # no row copies: the common all-constrained batch
-            rows, raw = slice(None), scores.clone()
-            scores.masked_fill_(banned, float("-inf"))
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == slots:
+            banned = pending[1].result()
+        else:
+            if pending is not None:  # from a step whose forward failed: let it end first
+                wait([pending[1]])
+            rows = [slots[i] for i in constrained]
+            constraints = cast(list[Constraint], [self.constraints[s] for s in rows])
+            banned = self._banned(constraints, [self.end_ids[s] for s in rows])
+        if len(constrained) == len(slots):  # the common all-constrained batch: one pass
+            masked = scores.masked_fill(banned, float("-inf"))
         else:
             rows = torch.tensor(constrained)
-            raw = scores[rows]
-            scores[rows] = raw.masked_fill(banned, float("-inf"))
+            masked = scores.clone()
+            masked[rows] = scores[rows].masked_fill(banned, float("-inf"))
         self.mask_seconds += time.perf_counter() - started
         self.mask_steps += 1
-        return rows, None, raw
+        return masked
 
     def _advance(self, slot: int, token_id: int) -> None:
         """Move the slot's grammar past its chosen token (an end token as the grammar's own)."""
@@ -315,9 +345,8 @@ class TokenSelector:
         return ids
 
 
-_Edit = tuple[int | torch.Tensor | slice, torch.Tensor | None, torch.Tensor]
-"""(rows, positions, raw values) of an in-place change to a step's logits; positions None:
-whole rows."""
+_Edit = tuple[int | torch.Tensor, torch.Tensor, torch.Tensor]
+"""(rows, positions, raw values) of an in-place change to a step's logits."""
 
 
 def _keep(

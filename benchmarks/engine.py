@@ -52,7 +52,8 @@ from benchmarks.machine import machine
 from handler.config import read_settings
 from handler.engine import Engine, build_torch_engine
 from handler.generation.request import ErrorEvent, GenerationRequest, RequestHandle, TokenEvent
-from handler.generation.sampling import SamplingParams, TokenSelector
+from handler.generation.sampling import TokenSelector
+from handler.model.params import SamplingParams
 
 DECODE_TARGET = 0.95
 """Ours / ceiling decode tokens/s."""

@@ -43,8 +43,9 @@ from benchmarks.report import update_readme
 from handler.config import read_settings
 from handler.engine import Engine, build_torch_engine
 from handler.generation.grammar import Constraint, GrammarCompiler
-from handler.generation.request import GenerationRequest, SamplingParams
+from handler.generation.request import GenerationRequest
 from handler.generation.sampling import TokenSelector
+from handler.model.params import SamplingParams
 from handler.testing.smollm2 import ensure_model
 
 SCHEMAS: dict[str, dict[str, Any]] = {

@@ -12,8 +12,8 @@ import torch
 from handler.engine import Engine
 from handler.errors import GenerationError, OverloadedError
 from handler.generation.request import ErrorEvent, FinalEvent, GenerationRequest, TokenEvent
-from handler.generation.sampling import SamplingParams
 from handler.generation.stopping import FinishReason
+from handler.model.params import SamplingParams
 from tests.conftest import PROMPTS, reference_greedy, start_engine
 
 pytestmark = pytest.mark.slow

@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from handler.errors import ConfigError
 from handler.generation.generator import Generator, eos_token_ids
-from handler.generation.request import GenerationRequest, SamplingParams
+from handler.generation.request import GenerationRequest
 from handler.model.neuron_backend import NeuronBackend
+from handler.model.params import SamplingParams
 from handler.testing.fake_neuron import (
     CONTEXT_ENCODING,
     TOKEN_GENERATION,

@@ -14,7 +14,8 @@ from transformers import (
 )
 
 from handler.generation import sampling
-from handler.generation.sampling import SamplingParams, TokenSelector
+from handler.generation.sampling import TokenSelector
+from handler.model.params import SamplingParams
 
 VOCAB = 1000
 

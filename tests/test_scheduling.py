@@ -12,7 +12,8 @@ import pytest
 from handler.config import read_settings
 from handler.engine import Engine, build_torch_engine
 from handler.errors import GenerationError
-from handler.generation.request import GenerationRequest, SamplingParams, TokenEvent
+from handler.generation.request import GenerationRequest, TokenEvent
+from handler.model.params import SamplingParams
 from tests.conftest import PROMPTS
 
 

@@ -29,8 +29,8 @@ from handler.api.tools import (
     message_calls,
 )
 from handler.generation.grammar import GrammarCompiler, fill_masks
-from handler.generation.request import SamplingParams
 from handler.generation.sampling import TokenSelector, unpack_bits
+from handler.model.params import SamplingParams
 from tests.conftest import PROMPTS, RunningServer
 
 

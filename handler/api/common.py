@@ -20,8 +20,9 @@ import pydantic
 
 from handler.config import Settings
 from handler.errors import ClientError, ValidationError
-from handler.generation.request import GenerationRequest, SamplingParams
+from handler.generation.request import GenerationRequest
 from handler.model.base import ModelShape
+from handler.model.params import SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

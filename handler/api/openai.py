@@ -42,11 +42,11 @@ from handler.generation.request import (
     Event,
     FinalEvent,
     GenerationRequest,
-    SamplingParams,
     Token,
     TokenEvent,
 )
 from handler.generation.stopping import FinishReason
+from handler.model.params import SamplingParams
 
 FINISH_REASONS = {
     FinishReason.EOS_TOKEN: "stop",

@@ -29,9 +29,9 @@ from typing import cast
 import torch
 
 from handler.generation.grammar import Constraint, fill_masks
-from handler.generation.request import SamplingParams
+from handler.model.params import SamplingParams
 
-__all__ = ["CANDIDATES", "SamplingParams", "Selection", "TokenSelector"]
+__all__ = ["CANDIDATES", "Selection", "TokenSelector"]
 
 CANDIDATES = 256
 

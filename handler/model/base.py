@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from handler.generation.request import SamplingParams
+from handler.model.params import SamplingParams
 
 
 @dataclass(frozen=True)

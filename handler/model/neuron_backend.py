@@ -50,8 +50,8 @@ from typing import Any
 import torch
 
 from handler.errors import ConfigError
-from handler.generation.request import SamplingParams
 from handler.model.base import ModelShape, PrefillOutput
+from handler.model.params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from handler.generation.request import SamplingParams
 from handler.model.base import ModelShape, PrefillOutput
 from handler.model.compiled import CompiledDecode, decode_mask
+from handler.model.params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

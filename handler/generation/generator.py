@@ -1,25 +1,14 @@
 """The static-batch generator and its scheduler thread.
 
-One thread owns the model. Each loop iteration:
-
-1. frees the slots of cancelled requests;
-2. admits waiting requests, first come first served, into free slots with one batched prefill
-   whose prompts add up to at most `max_batch_prefill_tokens` (a single request is always
-   admitted when a slot is free, since its prompt is at most `max_input_tokens`);
-3. runs one decode step over every slot that holds a request.
+One thread owns the model. Each loop iteration (`Generator.step`) asks the planner
+(`handler/generation/planner.py`: which slots to free, which waiting requests to admit or hold
+back, whether the prefill shares the decode step's forward) and runs its plan against the
+backend: releases, admissions, then a prefill and a decode step, or one mixed step. If a mixed
+step fails, its prefill and its decode run again apart, so that a failure still fails only the
+requests it belongs to.
 
 Grammar masks of constrained rows are computed on a worker thread while the step's forward
 runs (`TokenSelector.prepare`), and applied when its logits arrive.
-
-When the backend can (`ModelShape.mixed_steps`), steps 2 and 3 are one forward: the decode
-queries of the running slots and the admitted prompts, packed in one sequence, so that a
-prefill pauses the streams for its prompt's tokens only. If such a step fails, its prefill and
-its decode run again apart, so that a failure still fails only the requests it belongs to.
-
-Scheduling policy: a waiting request is never overtaken (FIFO), so it waits only for the
-requests ahead of it to finish and free a slot. A running stream is delayed by at most one
-prefill of `max_batch_prefill_tokens` tokens between two of its tokens; lowering that setting
-trades admission speed for smoother streams.
 
 A failure inside a model step fails only the requests of that step: their slots are cleared,
 they get an `ErrorEvent`, and the loop goes on. If the loop itself dies, `failure` says why and
@@ -39,6 +28,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from handler.errors import GenerationError, OverloadedError, UnavailableError
+from handler.generation.planner import Policy, SlotView, StepPlan, Waiting, plan
 from handler.generation.request import (
     ErrorEvent,
     FinalEvent,
@@ -110,8 +100,12 @@ class Generator:
         self.failure: str | None = None
         self._token_text: dict[int, str] = {}
         self._on_step = on_step
-        self.max_waiting_tokens = max_waiting_tokens
-        self.waiting_served_ratio = waiting_served_ratio
+        self.policy = Policy(
+            self.max_batch_prefill_tokens,
+            max_waiting_tokens,
+            waiting_served_ratio,
+            shape.mixed_steps,
+        )
         self._steps_since_prefill = 0
 
     # --- caller side (any thread) ------------------------------------------------------------
@@ -140,7 +134,7 @@ class Generator:
         """Queue a request; `OverloadedError` when `max_concurrent_requests` are in flight."""
         handle = RequestHandle(request, on_cancel=self._wake)
         with self._cond:
-            if not self._accepting or not self.healthy:
+            if not self._accepting or self.failure is not None:
                 raise UnavailableError(self.failure or "The server is not accepting requests")
             if self._in_flight >= self.max_concurrent_requests:
                 raise OverloadedError("Model is overloaded")
@@ -160,6 +154,8 @@ class Generator:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        else:  # never started (driven by `step`): end what is left here
+            self._shutdown()
 
     def _wake(self) -> None:
         with self._cond:
@@ -175,17 +171,7 @@ class Generator:
                         self._cond.wait()
                     if self._stop:
                         break
-                    admitted = self._admit()
-                self._drop_cancelled()
-                admitted = [slot for slot in admitted if slot.state is SlotState.PREFILL]
-                decoding = [slot for slot in self.slots if slot.state is SlotState.DECODE]
-                if admitted and decoding and self.backend.shape.mixed_steps:
-                    self._mixed(admitted, decoding)
-                    continue
-                if admitted:
-                    self._prefill(admitted)
-                if any(slot.state is SlotState.DECODE for slot in self.slots):
-                    self._decode()
+                self.step()
         except BaseException as exc:  # the loop itself broke: report, never hide
             self.failure = f"The scheduler thread died: {type(exc).__name__}: {exc}"
             logger.exception("scheduler thread died")
@@ -194,46 +180,59 @@ class Generator:
     def _busy(self) -> bool:
         return any(slot.state is not SlotState.EMPTY for slot in self.slots)
 
-    def _hold_back(self, free: int) -> bool:
-        """TGI's batching rule: while requests run, a prefill (which pauses every stream) waits
-        until `waiting_served_ratio x running` requests can join at once, or until it has been
-        held for `max_waiting_tokens` decode steps."""
-        running = len(self.slots) - free
-        if not running or self._steps_since_prefill >= self.max_waiting_tokens:
-            return False
-        return min(len(self._waiting), free) < int(running * self.waiting_served_ratio)
+    def step(self) -> StepPlan:
+        """One iteration of the scheduler: plan (`handler/generation/planner.py`), then run the
+        plan against the backend. The scheduler thread calls it in a loop; tests may call it
+        directly on a generator that was never started. Returns the plan it ran."""
+        with self._cond:
+            views = [
+                SlotView(s.index, s.state, s.handle is not None and s.handle.cancelled)
+                for s in self.slots
+            ]
+            queue = [Waiting(len(h.request.prompt_ids), h.cancelled) for h in self._waiting]
+            step = plan(self.policy, views, queue, self._steps_since_prefill)
+            taken = [self._waiting.popleft() for _ in range(step.taken)]
+            admitted = {position: taken[position] for position, _ in step.admit}
+            self._in_flight -= step.taken - len(admitted)  # the cancelled ones dropped
+            self._cond.notify_all()
+        for index in step.release:
+            self._release(self.slots[index])
+        prefill = [
+            self.slots[slot]
+            for position, slot in step.admit
+            if self._start(self.slots[slot], admitted[position])
+        ]
+        for slot in prefill:
+            if slot.handle is not None and slot.handle.cancelled:  # cancelled since the plan
+                self._release(slot)
+        prefill = [slot for slot in prefill if slot.state is SlotState.PREFILL]
+        if step.mixed and prefill:
+            running = [self.slots[i] for i in step.decode]
+            self._mixed(prefill, [s for s in running if s.state is SlotState.DECODE])
+            return step
+        if prefill:
+            self._prefill(prefill)
+        decoding = [self.slots[i] for i in step.decode]
+        decoding = [slot for slot in decoding if slot.state is SlotState.DECODE]
+        if decoding:
+            self._decode(decoding)
+        return step
 
-    def _admit(self) -> list[Slot]:
-        """Move waiting requests into free slots (called with the lock held)."""
-        free = [slot for slot in self.slots if slot.state is SlotState.EMPTY]
-        admitted: list[Slot] = []
-        if not free or self._hold_back(len(free)):
-            return admitted
-        budget = self.max_batch_prefill_tokens
-        while self._waiting and len(admitted) < len(free):
-            handle = self._waiting[0]
-            if handle.cancelled:
-                self._waiting.popleft()
-                self._in_flight -= 1
-                continue
-            length = len(handle.request.prompt_ids)
-            if admitted and length > budget:
-                break
-            self._waiting.popleft()
-            budget -= length
-            slot = free[len(admitted)]
-            try:
-                self._assign(slot, handle)
-            except Exception as exc:  # this request cannot start: fail it alone
-                logger.error("admitting %s failed", handle.request.request_id, exc_info=exc)
-                self.selector.release(slot.index)
+    def _start(self, slot: Slot, handle: RequestHandle) -> bool:
+        """Assign an admitted request to its slot; a request that cannot start fails alone."""
+        try:
+            self._assign(slot, handle)
+        except Exception as exc:
+            logger.error("admitting %s failed", handle.request.request_id, exc_info=exc)
+            self.selector.release(slot.index)
+            if slot.handle is not None:
                 slot.release()
+            with self._cond:
                 self._in_flight -= 1
-                handle.put(ErrorEvent(GenerationError(f"The request could not start: {exc}")))
-                continue
-            admitted.append(slot)
-        self._cond.notify_all()
-        return admitted
+                self._cond.notify_all()
+            handle.put(ErrorEvent(GenerationError(f"The request could not start: {exc}")))
+            return False
+        return True
 
     def _assign(self, slot: Slot, handle: RequestHandle) -> None:
         request = handle.request
@@ -255,12 +254,7 @@ class Generator:
         )
         slot.assign(handle, self.tokenizer, stopping, seed)
 
-    def _drop_cancelled(self) -> None:
-        for slot in self.slots:
-            if slot.handle is not None and slot.handle.cancelled:
-                self._release(slot)
-
-    def _release(self, slot: Slot) -> RequestHandle | None:
+    def _release(self, slot: Slot) -> RequestHandle:
         self.selector.release(slot.index)
         handle = slot.release()
         with self._cond:
@@ -269,7 +263,7 @@ class Generator:
         return handle
 
     def _fail(self, slots: list[Slot], phase: str, exc: Exception) -> None:
-        ids = ", ".join(slot.handle.request.request_id for slot in slots)
+        ids = ", ".join(slot.request.request.request_id for slot in slots)
         logger.error("model %s step failed for %s", phase, ids, exc_info=exc)
         for slot in slots:
             handle = self._release(slot)
@@ -280,7 +274,7 @@ class Generator:
             handle.put(ErrorEvent(error))
 
     def _prefill(self, slots: list[Slot]) -> None:
-        requests = [slot.handle.request for slot in slots]
+        requests = [slot.request.request for slot in slots]
         seq_ids = [slot.index for slot in slots]
         started = time.monotonic()
         try:
@@ -300,12 +294,12 @@ class Generator:
 
     def _prefilled(self, slots: list[Slot], output: PrefillOutput) -> None:
         self._steps_since_prefill = 0
-        for i, slot in enumerate(slots):
+        for slot, prompt_logits in zip(slots, output.prompt_logits):
             slot.prefilled()
-            if output.prompt_logits[i] is not None:
-                request = slot.handle.request
+            if prompt_logits is not None:
+                request = slot.request.request
                 slot.prefill_tokens, slot.prefill_top = self._prompt_tokens(
-                    request.prompt_ids, output.prompt_logits[i], request.params.top_n_tokens
+                    request.prompt_ids, prompt_logits, request.params.top_n_tokens
                 )
 
     @staticmethod
@@ -316,7 +310,7 @@ class Generator:
         return input_ids, positions
 
     def _mixed(self, admitted: list[Slot], decoding: list[Slot]) -> None:
-        requests = [slot.handle.request for slot in admitted]
+        requests = [slot.request.request for slot in admitted]
         prompt_seq_ids = [slot.index for slot in admitted]
         seq_ids = [slot.index for slot in decoding]
         input_ids, positions = self._last_tokens(decoding)
@@ -338,16 +332,14 @@ class Generator:
         except Exception as exc:
             logger.warning("mixed step failed (%s): its prefill and decode run again apart", exc)
             self._prefill(admitted)
-            if any(slot.state is SlotState.DECODE for slot in self.slots):
-                self._decode()
+            self._decode([slot for slot in self.slots if slot.state is SlotState.DECODE])
             return
         self._observe("prefill", len(admitted), started)
         self._observe("decode", len(decoding), started)
         self._prefilled(admitted, output)
         self._emit(decoding + admitted, selection)
 
-    def _decode(self) -> None:
-        slots = [slot for slot in self.slots if slot.state is SlotState.DECODE]
+    def _decode(self, slots: list[Slot]) -> None:
         seq_ids = [slot.index for slot in slots]
         input_ids, positions = self._last_tokens(slots)
         started = time.monotonic()
@@ -401,17 +393,18 @@ class Generator:
         ):
             special = token_id in self.special_ids
             piece, reason = slot.append(token_id, special)
+            reported: float | None = logprob
             if self.on_device_sampling:
-                logprob, top = None, []
-            token = Token(token_id, self._text(token_id) if special else piece, logprob, special)
+                reported, top = None, []
+            token = Token(token_id, self._text(token_id) if special else piece, reported, special)
             top_tokens = [Token(i, self._text(i), lp, i in self.special_ids) for i, lp in top]
-            slot.handle.put(TokenEvent(token, top_tokens, last=reason is not None))
+            slot.request.put(TokenEvent(token, top_tokens, last=reason is not None))
             if reason is not None:
                 self._finish(slot, reason)
 
     def _finish(self, slot: Slot, reason: FinishReason) -> None:
         now = time.monotonic()
-        handle = slot.handle
+        handle = slot.request
         final = FinalEvent(
             finish_reason=reason,
             text=slot.final_text(),

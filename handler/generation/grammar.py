@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import torch
@@ -27,9 +27,12 @@ from transformers import PreTrainedTokenizerBase
 
 from handler.errors import ValidationError
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
 __all__ = ["Constraint", "GrammarCompiler", "compiler_for", "fill_masks"]
 
-JSON_STYLE: dict[str, Any] = {
+JSON_STYLE: JsonCompileOptions = {
     "whitespace_flexible": False,
     "item_separator": ", ",
     "key_separator": ": ",
@@ -102,7 +105,7 @@ class GrammarCompiler:
             schema = {}
         elif not isinstance(schema, dict):
             raise ValidationError(f"`{name}` must be a JSON schema (an object)")
-        style = dict(JSON_STYLE)
+        style: JsonCompileOptions = JSON_STYLE
         if whitespace_pattern is not None:
             style = {"whitespace_flexible": True, "whitespace_pattern": whitespace_pattern}
         try:

@@ -155,17 +155,29 @@ class TokenSelector:
         if self.banned_steps[slot]:
             self.banned[slot] = torch.tensor(sorted(i for i in end_ids if i < self.vocab_size))
         if params.penalized:
-            if self.counts is None:
-                batch = len(self.params)
-                self.counts = torch.zeros(batch, self.vocab_size)
-                self.seen = torch.zeros(batch, self.sequence_length + 1, dtype=torch.long)
+            counts, seen = self._penalty_tables()
             prompt = torch.tensor(prompt_ids, dtype=torch.long).clamp_(0, self.vocab_size - 1)
-            self.counts[slot] = torch.bincount(prompt, minlength=self.vocab_size)[: self.vocab_size]
+            counts[slot] = torch.bincount(prompt, minlength=self.vocab_size)[: self.vocab_size]
             distinct = prompt.unique()
-            self.seen[slot] = distinct[0]
-            self.seen[slot, : distinct.numel()] = distinct
+            seen[slot] = distinct[0]
+            seen[slot, : distinct.numel()] = distinct
             self.seen_len[slot] = distinct.numel()
         return seed
+
+    def _penalty_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`counts` and `seen`, allocated on first use."""
+        if self.counts is None or self.seen is None:
+            batch = len(self.params)
+            self.counts = torch.zeros(batch, self.vocab_size)
+            self.seen = torch.zeros(batch, self.sequence_length + 1, dtype=torch.long)
+        return self.counts, self.seen
+
+    def _held(self, slot: int) -> SamplingParams:
+        """The parameters of the request in `slot` (one that was assigned)."""
+        params = self.params[slot]
+        if params is None:
+            raise RuntimeError(f"slot {slot} has no request")
+        return params
 
     def release(self, slot: int) -> None:
         self.params[slot] = None
@@ -178,7 +190,7 @@ class TokenSelector:
     @torch.inference_mode()
     def select(self, logits: torch.Tensor, slots: list[int]) -> Selection:
         """Choose one token per row. logits: `[n, vocab]` float32, row i belongs to `slots[i]`."""
-        params = [self.params[s] for s in slots]
+        params = [self._held(s) for s in slots]
         index = torch.tensor(slots, dtype=torch.long)
         logits = logits[:, : self.vocab_size].float()
         normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)  # [n, 1]
@@ -202,9 +214,9 @@ class TokenSelector:
         else:
             ids = scores.argmax(dim=-1)
             if sampled_rows:
-                rows = torch.tensor(sampled_rows)
-                ids[rows] = self._sample(
-                    scores[rows], index[rows], [slots[i] for i in sampled_rows]
+                sampled = torch.tensor(sampled_rows)
+                ids[sampled] = self._sample(
+                    scores[sampled], index[sampled], [slots[i] for i in sampled_rows]
                 )
         for rows, positions, raw in reversed(edits):
             logits[rows, positions] = raw
@@ -216,8 +228,8 @@ class TokenSelector:
         top: list[list[tuple[int, float]]] = [[] for _ in params]
         top_n = max(p.top_n_tokens for p in params)
         if top_n:
-            values, indices = logits.topk(top_n, dim=-1)
-            values, indices = (values - normalizer).tolist(), indices.tolist()
+            best, best_ids = logits.topk(top_n, dim=-1)
+            values, indices = (best - normalizer).tolist(), best_ids.tolist()
             for i, p in enumerate(params):
                 n = p.top_n_tokens
                 top[i] = list(zip(indices[i][:n], values[i][:n]))
@@ -252,9 +264,9 @@ class TokenSelector:
         else:
             if pending is not None:  # from a step whose forward failed: let it end first
                 wait([pending[1]])
-            rows = [slots[i] for i in constrained]
-            constraints = cast(list[Constraint], [self.constraints[s] for s in rows])
-            banned = self._banned(constraints, [self.end_ids[s] for s in rows])
+            held = [slots[i] for i in constrained]
+            constraints = cast(list[Constraint], [self.constraints[s] for s in held])
+            banned = self._banned(constraints, [self.end_ids[s] for s in held])
         if len(constrained) == len(slots):  # the common all-constrained batch: one pass
             masked = scores.masked_fill(banned, float("-inf"))
         else:
@@ -276,9 +288,10 @@ class TokenSelector:
     def _penalize(self, scores: torch.Tensor, index: torch.Tensor) -> _Edit:
         """Apply repetition, frequency and presence penalties in place on each row's seen tokens
         only. Returns `(rows, positions, raw values)` to restore the scores."""
+        all_counts, all_seen = self._penalty_tables()
         width = int(self.seen_len[index].max())
-        seen = self.seen[index, :width]  # [n, width]; padding repeats a real id
-        counts = self.counts[index[:, None], seen]
+        seen = all_seen[index, :width]  # [n, width]; padding repeats a real id
+        counts = all_counts[index[:, None], seen]
         raw = scores.gather(1, seen)
         values = raw
         repetition = self.repetition[index][:, None]
@@ -292,11 +305,12 @@ class TokenSelector:
 
     def _observe(self, index: torch.Tensor, ids: torch.Tensor) -> None:
         """Count the chosen tokens; record the ones a row had not seen yet."""
-        new = self.counts[index, ids] == 0
-        self.counts[index, ids] += 1
+        counts, seen = self._penalty_tables()
+        new = counts[index, ids] == 0
+        counts[index, ids] += 1
         if bool(new.any()):
             rows = index[new]
-            self.seen[rows, self.seen_len[rows]] = ids[new]
+            seen[rows, self.seen_len[rows]] = ids[new]
             self.seen_len[rows] += 1
 
     def _sample(self, scores: torch.Tensor, index: torch.Tensor, slots: list[int]) -> torch.Tensor:

@@ -68,13 +68,20 @@ class Slot:
         self.prefill_top = []
         self.started_at = time.monotonic()
 
+    @property
+    def request(self) -> RequestHandle:
+        """The request that holds the slot (a slot that is not empty)."""
+        if self.handle is None:
+            raise SlotStateError(f"slot {self.index} is empty")
+        return self.handle
+
     def prefilled(self) -> None:
         self._expect(SlotState.PREFILL)
         self.state = SlotState.DECODE
 
-    def release(self) -> RequestHandle | None:
+    def release(self) -> RequestHandle:
         """Free the slot; return the request that held it."""
-        handle = self.handle
+        handle = self.request
         self.state = SlotState.EMPTY
         self.handle = None
         self.detokenizer = None
@@ -84,11 +91,12 @@ class Slot:
     @property
     def total_tokens(self) -> int:
         """Prompt + generated tokens (the last generated one is not in the cache yet)."""
-        return len(self.handle.request.prompt_ids) + len(self.generated)
+        return len(self.request.request.prompt_ids) + len(self.generated)
 
     def append(self, token_id: int, special: bool) -> tuple[str, FinishReason | None]:
         """Record a generated token; return its text, and the finish reason if it ends here."""
         self._expect(SlotState.DECODE)
+        assert self.detokenizer is not None and self.stopping is not None  # set while held
         self.generated.append(token_id)
         piece = self.detokenizer.push(token_id)
         if not special:

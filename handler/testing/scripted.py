@@ -1,0 +1,141 @@
+"""A model backend and a tokenizer with no model behind them, for testing the scheduler.
+
+`ScriptedBackend` implements `ModelBackend` (and `MixedBackend` when asked): every row's next
+token follows a rule (by default the previous token plus one, skipping the end token), each call
+is recorded, and a test can make a call raise or run a callback (to cancel a request while its
+prefill runs, say). `ScriptedTokenizer` writes token i as one character, so texts are easy to
+assert. With both, a `Generator` runs its real planner, slots, token selection and events in
+milliseconds, driven by `Generator.step()` without a thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, cast
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from handler.generation.generator import Generator
+from handler.model.base import ModelShape, PrefillOutput
+from handler.model.params import SamplingParams
+
+__all__ = ["Call", "ScriptedBackend", "ScriptedTokenizer", "scripted_generator"]
+
+EOS = 0
+ALPHABET = "ÿabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+"""Token i is `ALPHABET[i]`; token 0 is the end token (it writes nothing)."""
+
+
+class ScriptedTokenizer:
+    """Just what the generator uses of a tokenizer: token i is one character."""
+
+    eos_token_id = EOS
+    all_special_ids: ClassVar[list[int]] = [EOS]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False, **_: Any) -> str:
+        return "".join(
+            ALPHABET[i % len(ALPHABET)] for i in ids if not (skip_special_tokens and i == EOS)
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return [ALPHABET.index(c) for c in text]
+
+
+@dataclass
+class Call:
+    """One backend call: `method` (`prefill`, `decode` or `mixed`), its decode rows and its
+    prefill rows."""
+
+    method: str
+    decode: list[int] = field(default_factory=list)
+    prefill: list[int] = field(default_factory=list)
+
+
+def _next_token(previous: int, vocab: int) -> int:
+    return previous % (vocab - 1) + 1  # 1, 2, ..., vocab - 1, 1, ...: never the end token
+
+
+class ScriptedBackend:
+    """A `ModelBackend` whose logits pick `next_token(slot, tokens so far)` for each row."""
+
+    def __init__(
+        self,
+        batch_size: int = 4,
+        sequence_length: int = 64,
+        vocab_size: int = len(ALPHABET),
+        mixed_steps: bool = False,
+        next_token: Callable[[int, list[int]], int] | None = None,
+    ) -> None:
+        self.shape = ModelShape(
+            batch_size, sequence_length, vocab_size, "cpu", "float32", mixed_steps=mixed_steps
+        )
+        self.next_token = next_token or (lambda _slot, ids: _next_token(ids[-1], vocab_size))
+        self.rows: dict[int, list[int]] = {}
+        """Per slot, the tokens in its cache."""
+        self.calls: list[Call] = []
+        self.before: dict[str, Callable[[Call], None]] = {}
+        """Per method, a callback run before the call computes (it may raise: the step fails)."""
+
+    def assign(self, slot: int, params: SamplingParams) -> None:
+        pass
+
+    def _logits(self, slots: list[int]) -> torch.Tensor:
+        """`[n, vocab]`: 0 at each row's next token, -10 elsewhere."""
+        logits = torch.full((len(slots), self.shape.vocab_size), -10.0)
+        for row, slot in enumerate(slots):
+            logits[row, self.next_token(slot, self.rows[slot])] = 0.0
+        return logits
+
+    def _enter(self, call: Call) -> None:
+        self.calls.append(call)
+        hook = self.before.get(call.method)
+        if hook is not None:
+            hook(call)
+
+    def _fill(self, prompts: list[list[int]], seq_ids: list[int]) -> PrefillOutput:
+        for prompt, slot in zip(prompts, seq_ids, strict=True):
+            self.rows[slot] = list(prompt)
+        return PrefillOutput(self._logits(seq_ids), [None] * len(seq_ids))
+
+    def _advance(self, input_ids: torch.Tensor, seq_ids: list[int]) -> torch.Tensor:
+        for token, slot in zip(input_ids.tolist(), seq_ids, strict=True):
+            self.rows[slot].append(token)
+        return self._logits(seq_ids)
+
+    def prefill(
+        self,
+        input_ids: list[list[int]],
+        seq_ids: list[int],
+        want_prompt_logits: list[bool] | None = None,
+    ) -> PrefillOutput:
+        self._enter(Call("prefill", prefill=list(seq_ids)))
+        return self._fill(input_ids, seq_ids)
+
+    def decode(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_ids: list[int]
+    ) -> torch.Tensor:
+        self._enter(Call("decode", decode=list(seq_ids)))
+        return self._advance(input_ids, seq_ids)
+
+    def mixed(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        seq_ids: list[int],
+        prompts: list[list[int]],
+        prompt_seq_ids: list[int],
+        want_prompt_logits: list[bool] | None = None,
+    ) -> tuple[torch.Tensor, PrefillOutput]:
+        self._enter(Call("mixed", decode=list(seq_ids), prefill=list(prompt_seq_ids)))
+        return self._advance(input_ids, seq_ids), self._fill(prompts, prompt_seq_ids)
+
+
+def scripted_generator(backend: ScriptedBackend | None = None, **options: Any) -> Generator:
+    """A generator over `backend` (a 4-slot `ScriptedBackend` by default), not started: drive
+    it with `step()`. `options` go to `Generator` (`max_batch_prefill_tokens`...)."""
+    tokenizer = cast(PreTrainedTokenizerBase, ScriptedTokenizer())
+    return Generator(
+        backend or ScriptedBackend(), tokenizer, eos_token_ids=frozenset({EOS}), **options
+    )

@@ -10,7 +10,8 @@
 #      debootstrap (Debian 12 with Debian's python3, its headers and pip, as
 #      python:3.11-slim-bookworm is).
 #   4. The runtime and test targets, --format docker (an OCI image has no HEALTHCHECK), torch from
-#      the PyTorch CPU index when it answers, else from a directory holding the local CPU wheel.
+#      the PyTorch CPU index when it answers, else from a directory holding the local CPU wheel;
+#      the runtime image holds no handler/testing.
 #   5. The test suite inside the test image, with --network none.
 #   6. The runtime image: `serve` with the model mounted at /opt/ml/model, /ping, /invocations, a
 #      stream, the compiled decode step built and running (/info), `podman healthcheck run`, the
@@ -258,6 +259,13 @@ check_images() {
         *NONE*) pass "test image declares no health check: $health" ;;
         *) fail "test image has a health check: $health" ;;
     esac
+    # The test helpers stay out of the serving image (its serving-code stage removes them).
+    if "${PODMAN[@]}" run --rm --network none --no-healthcheck "${LIMITS[@]}" "$IMAGE:cpu" \
+        sh -c 'test -f handler/server/app.py && test ! -e handler/testing'; then
+        pass "the runtime image has the serving code and no handler/testing"
+    else
+        fail "the runtime image lacks handler/server/app.py or holds handler/testing"
+    fi
     local runtime_freeze test_freeze differ
     runtime_freeze="$("${PODMAN[@]}" run --rm --network none --no-healthcheck "${LIMITS[@]}" \
         "$IMAGE:cpu" python -m pip freeze --all | sort)"

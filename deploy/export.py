@@ -66,7 +66,7 @@ def export_command(
     instance_family: str | None = None,
     on_device_sampling: bool | None = None,
 ) -> list[str]:
-    """The exporter's command line, in the server's own form (`neuron_loader._export_command`).
+    """The exporter's command line, in the server's own form (`neuron_cache.export_command`).
     `on_device_sampling` None keeps optimum-neuron's choice for the architecture."""
     command = [sys.executable, "-m", "handler.model.neuron_export", "--model-id", model_id]
     if revision:

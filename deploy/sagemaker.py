@@ -462,7 +462,8 @@ def delete(
     The config and models are found from the endpoint; when the endpoint is gone (a deployment
     that failed half way), those named like it are removed. Missing pieces are skipped.
     """
-    config_name, models, variants = endpoint_name, [endpoint_name], [VARIANT]
+    config_name: str | None = endpoint_name
+    models, variants = [endpoint_name], [VARIANT]
     endpoint_exists = True
     try:
         config_name = sagemaker.describe_endpoint(EndpointName=endpoint_name)["EndpointConfigName"]

@@ -154,6 +154,8 @@ def _timed_out(exc: BaseException) -> bool:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    server_address: tuple[str, int]
+    """The bound address, as the socket reports it (an IPv4 host as text, the port chosen)."""
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from handler.config import ConfigError, Settings, read_settings
 
@@ -32,9 +33,16 @@ def generate(prompt: str, settings: Settings) -> int:
     """Stream one greedy answer for `prompt` to stdout (a smoke test of the generator)."""
     from handler.engine import build_torch_engine
     from handler.generation.request import FinalEvent, GenerationRequest, TokenEvent
-    from handler.testing.smollm2 import ensure_model
 
-    model_path = settings.model_id or ensure_model()
+    if settings.model_id is not None:
+        model_path: str | Path = settings.model_id
+    else:
+        try:
+            from handler.testing.smollm2 import ensure_model
+        except ModuleNotFoundError:  # the runtime image ships without the test helpers
+            sys.stderr.write("generate: name a model (--model-id or HF_MODEL_ID)\n")
+            return 2
+        model_path = ensure_model()
     engine = build_torch_engine(settings, model_path)
     prompt_ids = engine.tokenizer(prompt).input_ids
     handle = engine.generator.submit(GenerationRequest(prompt_ids, max_new_tokens=64))

@@ -1,11 +1,15 @@
 """Configuration: every flag and environment variable, read once into a frozen `Settings`.
 
 Precedence, highest first: command-line flags (named like the TGI launcher's), environment
-variables, the exported model's compiled shapes (`CompiledShape`), defaults. Several
+variables, the exported model's compiled shapes (`Settings.with_compiled`), defaults. Several
 environment names often carry one value (current TGI names, the legacy `HF_*` names of the
 Neuron docs, the `SM_ON_*` names of the vLLM-based images): they may all be set, but only to the
 same value. Every problem is collected and reported in one `ConfigError` that names the
 variables, their values and the fix, before any model is loaded.
+
+Each setting is one field of `Settings`, declared with `option(...)`: its default, its doc, its
+flags, its environment names and its parser sit together, and that one declaration drives the
+command line (`--help` included), the environment and the start-up log.
 
 Nothing outside this module reads `os.environ`; `read_settings` takes the environment as an
 argument so that tests pass plain dictionaries.
@@ -37,7 +41,6 @@ DTYPE_ALIASES = {
 BACKENDS = ("auto", "torch", "neuron")
 SERVING_STACKS = ("gunicorn", "mms")
 DEVICES = ("auto", "cpu", "cuda")
-SECRET_FIELDS = ("hf_token", "api_key")
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_TOTAL_TOKENS = 4096
 
@@ -53,149 +56,7 @@ class CompiledShape:
     on_device_sampling: bool | None = None
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The effective configuration of one server process."""
-
-    model_id: str | None = None
-    """Hub id or local directory (`--model-id`, `HF_MODEL_ID`, `MODEL_ID`, `SM_ON_MODEL`)."""
-    revision: str | None = None
-    """Hub revision (`--revision`, `HF_MODEL_REVISION`, `REVISION`); ignored for local dirs."""
-    hf_token: str | None = field(default=None, repr=False)
-    """Token for gated models (`HF_TOKEN`, `HUGGING_FACE_HUB_TOKEN`). Never logged."""
-    model_dir: str | None = None
-    """Inference Endpoints model mount (`HF_MODEL_DIR`, default `/repository` when present)."""
-    max_batch_size: int = DEFAULT_BATCH_SIZE
-    """Static batch size = KV cache slots (`MAX_BATCH_SIZE`, legacy `HF_BATCH_SIZE`)."""
-    max_total_tokens: int = DEFAULT_TOTAL_TOKENS
-    """Sequence length: prompt + generated (`MAX_TOTAL_TOKENS`, legacy `HF_SEQUENCE_LENGTH`)."""
-    max_input_tokens: int = DEFAULT_TOTAL_TOKENS // 2
-    """Longest prompt (`MAX_INPUT_TOKENS`, legacy `MAX_INPUT_LENGTH`); default half the total."""
-    max_batch_prefill_tokens: int = DEFAULT_BATCH_SIZE * DEFAULT_TOTAL_TOKENS // 2
-    """Prompt tokens prefilled together; default `max_batch_size * max_input_tokens`."""
-    max_concurrent_requests: int = 128
-    """Requests in flight (running + waiting); beyond it: 429 `overloaded`."""
-    max_waiting_tokens: int = 20
-    """TGI's `--max-waiting-tokens`: decode steps a waiting request may be held back (to be
-    prefilled together with others) before it is admitted anyway."""
-    waiting_served_ratio: float = 0.3
-    """TGI's `--waiting-served-ratio`: while requests run, admit only when at least
-    `ratio x running` waiting requests can be prefilled at once (or `max_waiting_tokens` have
-    passed), so that prefills, which pause every stream, come in batches instead of one by one."""
-    max_stop_sequences: int = 4
-    max_top_n_tokens: int = 5
-    max_best_of: int = 1
-    """`best_of` > 1 is not implemented: requests asking for it are rejected."""
-    max_client_batch_size: int = 4
-    """Most prompts in one `/v1/completions` request."""
-    payload_limit: int = 2_000_000
-    """Largest request body in bytes (413 beyond)."""
-    num_cores: int | None = None
-    """Neuron cores = tensor parallel degree (`HF_NUM_CORES`); None: all available."""
-    auto_cast_type: str | None = None
-    """`bf16`, `fp16` or `fp32` (`HF_AUTO_CAST_TYPE`, aliases such as `bfloat16` accepted)."""
-    backend: str = "auto"
-    """`auto` (Neuron when devices are present, else torch), `torch` or `neuron`."""
-    device: str = "auto"
-    """Torch backend device: `auto` (CUDA when available), `cpu` or `cuda`."""
-    hostname: str = "0.0.0.0"
-    port: int = 8080
-    """`--port`, else `SAGEMAKER_BIND_TO_PORT`, else `PORT`, else 8080."""
-    serving_stack: str = "gunicorn"
-    """What `serve` runs (`SERVING_STACK`): `gunicorn` (every route, streaming) or `mms` (the
-    SageMaker inference toolkit's Multi Model Server: `/ping` and `/invocations` only)."""
-    model_server_workers: int = 1
-    """MMS worker processes (`SAGEMAKER_MODEL_SERVER_WORKERS`): with `SERVING_STACK=mms` only 1,
-    since each worker is a process that would load its own copy of the model (and on Neuron
-    claim its own cores). Ignored by gunicorn, which always runs one worker."""
-    model_server_timeout: int = 60
-    """`SAGEMAKER_MODEL_SERVER_TIMEOUT`: the toolkit writes it as MMS's `default_response_timeout`,
-    which MMS 1.1 counts in minutes (default 60): how long MMS waits for each reply of its worker,
-    the model load included, before it restarts the worker."""
-    model_server_timeout_seconds: int | None = None
-    """`SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS`: the same limit in seconds; wins when set."""
-    messages_api_enabled: bool = False
-    """`MESSAGES_API_ENABLED`, as in TGI: `/invocations` takes chat completion bodies only.
-    Off, it takes generate, chat and completion bodies, told apart by their fields. The chat
-    routes are always on."""
-    trust_remote_code: bool = False
-    api_key: str | None = field(default=None, repr=False)
-    """When set, every route but health checks needs `Authorization: Bearer <key>`."""
-    hub_cache: str | None = None
-    """Download and export cache (`HUGGINGFACE_HUB_CACHE`, `HF_HUB_CACHE`, `HF_HOME/hub`)."""
-    custom_cache_repo: str = "aws-neuron/optimum-neuron-cache"
-    sm_num_gpus: int | None = None
-    """Set by SageMaker GPU snippets; meaningless here, accepted and ignored."""
-    log_level: str = "INFO"
-    request_header_timeout: float = 10.0
-    """Seconds a client has to send a request's line and headers (`--request-header-timeout`,
-    `REQUEST_HEADER_TIMEOUT`), from its connection or, kept alive, from the request's first
-    byte; then 408 and the connection is closed."""
-    request_body_timeout: float = 10.0
-    """Seconds a request body may take after the headers (`--request-body-timeout`,
-    `REQUEST_BODY_TIMEOUT`), plus one per `request_body_min_rate` bytes received; then 408."""
-    request_body_min_rate: int = 1000
-    """Bytes per second a long body must keep up (`--request-body-min-rate`,
-    `REQUEST_BODY_MIN_RATE`): each such amount received extends its deadline by a second."""
-    max_connections: int = 2048
-    """Open connections the server keeps (`--max-connections`, `MAX_CONNECTIONS`), idle,
-    being read or served; beyond it idle ones are closed first, then new ones get 503
-    `overloaded` (health checks excepted)."""
-    shutdown_grace: float = 20.0
-    compile_on_start: bool = False
-    """Allow a Neuron export with no hub-cached artifacts at start-up (`--compile-on-start`,
-    `NEURON_COMPILE_ON_START`). Off: such a compile can outlast the health-check window."""
-    on_device_sampling: bool | None = None
-    """Compile a Neuron export that chooses tokens on the device (`--on-device-sampling`,
-    `NEURON_ON_DEVICE_SAMPLING`, true or false); None: what optimum-neuron picks for the
-    architecture (Llama: on). Off, the host samples: seeds, penalties, typical_p and
-    log-probabilities work, and `[batch, vocab]` logits leave the device at every step."""
-    neuron_rt_num_cores: int | None = None
-    """`NEURON_RT_NUM_CORES`: how many Neuron cores the runtime may take."""
-    neuron_rt_visible_cores: str | None = None
-    """`NEURON_RT_VISIBLE_CORES`: which cores (`3`, `0-3`, `0,2,4-5`) the runtime may take."""
-    export_cache: str | None = None
-    """Where exported Neuron models are saved and found again (`--export-cache`,
-    `NEURON_EXPORT_CACHE`); default `neuron-exports` under the hub cache (`/data` in the image)."""
-    torch_compile: bool = True
-    """Compile the torch backend's decode step (`--torch-compile`, `TORCH_COMPILE`, true or
-    false; handler/model/compiled.py). Off, or where the model is outside the compiled family or
-    the compile fails, `transformers`' modelling code runs op by op (logged; `/info` says why)."""
-    compile_cache: str | None = None
-    """Where compiled decode steps are kept between starts (`--compile-cache`,
-    `TORCH_COMPILE_CACHE`); default `compiled-steps` under the hub cache (`/data` in the image)."""
-    """Seconds running generations get to finish after SIGTERM; SageMaker kills at 30 s."""
-
-    def mms_response_timeout(self) -> float:
-        """Seconds MMS waits for any reply of its worker (the load included) before it restarts
-        it: `model_server_timeout_seconds`, else `model_server_timeout` minutes."""
-        if self.model_server_timeout_seconds:
-            return float(self.model_server_timeout_seconds)
-        return 60.0 * self.model_server_timeout
-
-    def describe(self) -> dict[str, Any]:
-        """All fields, secrets redacted: what start-up logs."""
-        values = dataclasses.asdict(self)
-        for name in SECRET_FIELDS:
-            if values[name] is not None:
-                values[name] = "<redacted>"
-        return values
-
-
-# --- sources ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Option:
-    """One setting: its flags, its environment names and how to parse it."""
-
-    name: str
-    flags: tuple[str, ...] = ()
-    env: tuple[str, ...] = ()
-    parse: Callable[[str], Any] = str
-    fallback: bool = False
-    """True: env names are tried in order (no conflict check), as for the port."""
-    secret: bool = False
+# --- parsers: text of a flag or variable -> value, or ValueError saying what is expected --------
 
 
 def _int(text: str) -> int:
@@ -282,6 +143,10 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _upper(text: str) -> str:
+    return text.strip().upper()
+
+
 def _port(text: str) -> int:
     value = _int(text)
     if not 0 < value < 65536:
@@ -289,132 +154,436 @@ def _port(text: str) -> int:
     return value
 
 
-OPTIONS = (
-    _Option("model_id", ("--model-id",), ("HF_MODEL_ID", "MODEL_ID", "SM_ON_MODEL")),
-    _Option("revision", ("--revision",), ("HF_MODEL_REVISION", "REVISION")),
-    _Option("hf_token", (), ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"), secret=True),
-    _Option("model_dir", (), ("HF_MODEL_DIR",)),
-    _Option(
-        "max_batch_size",
-        ("--max-batch-size",),
-        ("MAX_BATCH_SIZE", "HF_BATCH_SIZE", "SM_ON_BATCH_SIZE"),
-        _positive_int,
-    ),
-    _Option(
-        "max_total_tokens",
-        ("--max-total-tokens",),
-        ("MAX_TOTAL_TOKENS", "HF_SEQUENCE_LENGTH", "SM_ON_SEQUENCE_LENGTH"),
-        _positive_int,
-    ),
-    _Option(
-        "max_input_tokens",
-        ("--max-input-tokens", "--max-input-length"),
-        ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"),
-        _positive_int,
-    ),
-    _Option(
-        "max_batch_prefill_tokens",
-        ("--max-batch-prefill-tokens",),
-        ("MAX_BATCH_PREFILL_TOKENS",),
-        _positive_int,
-    ),
-    _Option(
-        "max_concurrent_requests",
-        ("--max-concurrent-requests",),
-        ("MAX_CONCURRENT_REQUESTS",),
-        _positive_int,
-    ),
-    _Option("max_waiting_tokens", ("--max-waiting-tokens",), ("MAX_WAITING_TOKENS",), _int),
-    _Option("waiting_served_ratio", ("--waiting-served-ratio",), ("WAITING_SERVED_RATIO",), _ratio),
-    _Option("max_stop_sequences", ("--max-stop-sequences",), ("MAX_STOP_SEQUENCES",), _int),
-    _Option("max_top_n_tokens", ("--max-top-n-tokens",), ("MAX_TOP_N_TOKENS",), _int),
-    _Option("max_best_of", ("--max-best-of",), ("MAX_BEST_OF",), _positive_int),
-    _Option(
-        "max_client_batch_size",
-        ("--max-client-batch-size",),
-        ("MAX_CLIENT_BATCH_SIZE",),
-        _positive_int,
-    ),
-    _Option("payload_limit", ("--payload-limit",), ("PAYLOAD_LIMIT",), _positive_int),
-    _Option(
-        "num_cores",
-        ("--num-cores",),
-        ("HF_NUM_CORES", "SM_ON_TENSOR_PARALLEL_SIZE"),
-        _positive_int,
-    ),
-    _Option("auto_cast_type", ("--auto-cast-type",), ("HF_AUTO_CAST_TYPE",), _dtype),
-    _Option("backend", ("--backend",), ("SERVING_BACKEND",), _choice(BACKENDS)),
-    _Option("device", ("--device",), ("SERVING_DEVICE",), _choice(DEVICES)),
+# --- options -----------------------------------------------------------------------------------
+
+OPTION = "option"
+"""The key of a `Settings` field's `Option` in its `dataclasses.field` metadata."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one setting is given: its flags, its environment names and how to parse them."""
+
+    doc: str
+    """What the setting does (the field's documentation and its `--help` line)."""
+    flags: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    """Environment names, current one first: they must agree when several are set."""
+    parse: Callable[[str], Any] = str
+    fallback: bool = False
+    """True: env names are tried in order (no conflict check), as for the port."""
+    secret: bool = False
+    """Never logged, shown or repr'd."""
+    switch: bool = False
+    """The flag takes no value and means true (`--trust-remote-code`)."""
+
+
+def option(
+    default: Any,
+    doc: str,
+    *,
+    flags: tuple[str, ...] = (),
+    env: tuple[str, ...] = (),
+    parse: Callable[[str], Any] = str,
+    fallback: bool = False,
+    secret: bool = False,
+    switch: bool = False,
+) -> Any:
+    """A `Settings` field with its `Option`: declared once, read from `flags` then `env`."""
+    described = Option(doc, flags, env, parse, fallback, secret, switch)
+    return field(default=default, repr=not secret, metadata={OPTION: described})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective configuration of one server process (see `option` for each field's
+    flags and environment names)."""
+
+    model_id: str | None = option(
+        None,
+        "Hub id or local directory of the model.",
+        flags=("--model-id",),
+        env=("HF_MODEL_ID", "MODEL_ID", "SM_ON_MODEL"),
+    )
+    revision: str | None = option(
+        None,
+        "Hub revision (branch, tag or commit); ignored for local directories.",
+        flags=("--revision",),
+        env=("HF_MODEL_REVISION", "REVISION"),
+    )
+    hf_token: str | None = option(
+        None,
+        "Token for gated and private models. Never logged.",
+        env=("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
+        secret=True,
+    )
+    model_dir: str | None = option(
+        None,
+        "Inference Endpoints model mount (default `/repository` when present).",
+        env=("HF_MODEL_DIR",),
+    )
+    max_batch_size: int = option(
+        DEFAULT_BATCH_SIZE,
+        "Static batch size = KV cache slots; default: the compiled one, else 4.",
+        flags=("--max-batch-size",),
+        env=("MAX_BATCH_SIZE", "HF_BATCH_SIZE", "SM_ON_BATCH_SIZE"),
+        parse=_positive_int,
+    )
+    max_total_tokens: int = option(
+        DEFAULT_TOTAL_TOKENS,
+        "Sequence length: prompt + generated tokens; default: the compiled one, else 4096.",
+        flags=("--max-total-tokens",),
+        env=("MAX_TOTAL_TOKENS", "HF_SEQUENCE_LENGTH", "SM_ON_SEQUENCE_LENGTH"),
+        parse=_positive_int,
+    )
+    max_input_tokens: int = option(
+        DEFAULT_TOTAL_TOKENS // 2,
+        "Longest prompt; default half of `max_total_tokens`.",
+        flags=("--max-input-tokens", "--max-input-length"),
+        env=("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"),
+        parse=_positive_int,
+    )
+    max_batch_prefill_tokens: int = option(
+        DEFAULT_BATCH_SIZE * DEFAULT_TOTAL_TOKENS // 2,
+        "Prompt tokens prefilled together; default `max_batch_size * max_input_tokens`.",
+        flags=("--max-batch-prefill-tokens",),
+        env=("MAX_BATCH_PREFILL_TOKENS",),
+        parse=_positive_int,
+    )
+    max_concurrent_requests: int = option(
+        128,
+        "Requests in flight (running + waiting); beyond it: 429 `overloaded`.",
+        flags=("--max-concurrent-requests",),
+        env=("MAX_CONCURRENT_REQUESTS",),
+        parse=_positive_int,
+    )
+    max_waiting_tokens: int = option(
+        20,
+        "TGI's `--max-waiting-tokens`: decode steps a waiting request may be held back (to be "
+        "prefilled together with others) before it is admitted anyway.",
+        flags=("--max-waiting-tokens",),
+        env=("MAX_WAITING_TOKENS",),
+        parse=_non_negative_int,
+    )
+    waiting_served_ratio: float = option(
+        0.3,
+        "TGI's `--waiting-served-ratio`: while requests run, admit only when at least "
+        "`ratio x running` waiting requests can be prefilled at once (or `max_waiting_tokens` "
+        "have passed), so that prefills, which pause every stream, come in batches instead of "
+        "one by one.",
+        flags=("--waiting-served-ratio",),
+        env=("WAITING_SERVED_RATIO",),
+        parse=_ratio,
+    )
+    max_stop_sequences: int = option(
+        4,
+        "Most stop sequences in one request.",
+        flags=("--max-stop-sequences",),
+        env=("MAX_STOP_SEQUENCES",),
+        parse=_non_negative_int,
+    )
+    max_top_n_tokens: int = option(
+        5,
+        "Most alternatives (`top_n_tokens`, `top_logprobs`) reported per token.",
+        flags=("--max-top-n-tokens",),
+        env=("MAX_TOP_N_TOKENS",),
+        parse=_non_negative_int,
+    )
+    max_best_of: int = option(
+        1,
+        "`best_of` > 1 is not implemented: requests asking for it are rejected.",
+        flags=("--max-best-of",),
+        env=("MAX_BEST_OF",),
+        parse=_positive_int,
+    )
+    max_client_batch_size: int = option(
+        4,
+        "Most prompts in one `/v1/completions` request.",
+        flags=("--max-client-batch-size",),
+        env=("MAX_CLIENT_BATCH_SIZE",),
+        parse=_positive_int,
+    )
+    payload_limit: int = option(
+        2_000_000,
+        "Largest request body in bytes (413 beyond).",
+        flags=("--payload-limit",),
+        env=("PAYLOAD_LIMIT",),
+        parse=_positive_int,
+    )
+    num_cores: int | None = option(
+        None,
+        "Neuron cores = tensor parallel degree; default: the compiled number, else all available.",
+        flags=("--num-cores",),
+        env=("HF_NUM_CORES", "SM_ON_TENSOR_PARALLEL_SIZE"),
+        parse=_positive_int,
+    )
+    auto_cast_type: str | None = option(
+        None,
+        "`bf16`, `fp16` or `fp32` (aliases such as `bfloat16` accepted); default: the compiled "
+        "one on Neuron, the engine's choice on torch.",
+        flags=("--auto-cast-type",),
+        env=("HF_AUTO_CAST_TYPE",),
+        parse=_dtype,
+    )
+    backend: str = option(
+        "auto",
+        "`auto` (Neuron when devices are present, else torch), `torch` or `neuron`.",
+        flags=("--backend",),
+        env=("SERVING_BACKEND",),
+        parse=_choice(BACKENDS),
+    )
+    device: str = option(
+        "auto",
+        "Torch backend device: `auto` (CUDA when available), `cpu` or `cuda`.",
+        flags=("--device",),
+        env=("SERVING_DEVICE",),
+        parse=_choice(DEVICES),
+    )
     # HOSTNAME is not read: shells and Docker set it to the machine's name, not an address.
-    _Option("hostname", ("--hostname",), ()),
-    _Option("port", ("--port",), ("SAGEMAKER_BIND_TO_PORT", "PORT"), _port, fallback=True),
-    _Option("serving_stack", (), ("SERVING_STACK",), _choice(SERVING_STACKS)),
-    _Option("model_server_workers", (), ("SAGEMAKER_MODEL_SERVER_WORKERS",), _positive_int),
-    _Option("model_server_timeout", (), ("SAGEMAKER_MODEL_SERVER_TIMEOUT",), _positive_int),
-    _Option(
-        "model_server_timeout_seconds",
-        (),
-        ("SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS",),
-        _positive_int,
-    ),
-    _Option("messages_api_enabled", (), ("MESSAGES_API_ENABLED",), _bool),
-    _Option(
-        "trust_remote_code",
-        ("--trust-remote-code",),
-        ("HF_MODEL_TRUST_REMOTE_CODE", "TRUST_REMOTE_CODE"),
-        _bool,
-    ),
-    _Option("api_key", ("--api-key",), ("API_KEY",), secret=True),
-    _Option(
-        "hub_cache",
-        ("--huggingface-hub-cache",),
-        ("HUGGINGFACE_HUB_CACHE", "HF_HUB_CACHE"),
+    hostname: str = option("0.0.0.0", "Address to listen on.", flags=("--hostname",))
+    port: int = option(
+        8080,
+        "Port to listen on: the flag, else `SAGEMAKER_BIND_TO_PORT`, else `PORT`.",
+        flags=("--port",),
+        env=("SAGEMAKER_BIND_TO_PORT", "PORT"),
+        parse=_port,
         fallback=True,
-    ),
-    _Option("custom_cache_repo", (), ("CUSTOM_CACHE_REPO",)),
-    _Option("sm_num_gpus", (), ("SM_NUM_GPUS",), _int),
-    _Option("log_level", ("--log-level",), ("LOG_LEVEL",), lambda s: s.strip().upper()),
-    _Option("shutdown_grace", ("--shutdown-grace",), ("SHUTDOWN_GRACE_SECONDS",), _seconds),
-    _Option(
-        "request_header_timeout",
-        ("--request-header-timeout",),
-        ("REQUEST_HEADER_TIMEOUT",),
-        _timeout,
-    ),
-    _Option(
-        "request_body_timeout", ("--request-body-timeout",), ("REQUEST_BODY_TIMEOUT",), _timeout
-    ),
-    _Option(
-        "request_body_min_rate",
-        ("--request-body-min-rate",),
-        ("REQUEST_BODY_MIN_RATE",),
-        _positive_int,
-    ),
-    _Option("max_connections", ("--max-connections",), ("MAX_CONNECTIONS",), _positive_int),
-    _Option("compile_on_start", ("--compile-on-start",), ("NEURON_COMPILE_ON_START",), _bool),
-    _Option("export_cache", ("--export-cache",), ("NEURON_EXPORT_CACHE",)),
-    _Option("torch_compile", ("--torch-compile",), ("TORCH_COMPILE",), _bool),
-    _Option("compile_cache", ("--compile-cache",), ("TORCH_COMPILE_CACHE",)),
-    _Option("on_device_sampling", ("--on-device-sampling",), ("NEURON_ON_DEVICE_SAMPLING",), _bool),
-    _Option("neuron_rt_num_cores", (), ("NEURON_RT_NUM_CORES",), _positive_int),
-    _Option("neuron_rt_visible_cores", (), ("NEURON_RT_VISIBLE_CORES",)),
-)
-_BOOL_FLAGS = {"trust_remote_code", "compile_on_start"}
+    )
+    serving_stack: str = option(
+        "gunicorn",
+        "What `serve` runs: `gunicorn` (every route, streaming) or `mms` (the SageMaker "
+        "inference toolkit's Multi Model Server: `/ping` and `/invocations` only).",
+        env=("SERVING_STACK",),
+        parse=_choice(SERVING_STACKS),
+    )
+    model_server_workers: int = option(
+        1,
+        "MMS worker processes: with `SERVING_STACK=mms` only 1, since each worker is a process "
+        "that would load its own copy of the model (and on Neuron claim its own cores). Ignored "
+        "by gunicorn, which always runs one worker.",
+        env=("SAGEMAKER_MODEL_SERVER_WORKERS",),
+        parse=_positive_int,
+    )
+    model_server_timeout: int = option(
+        60,
+        "The toolkit writes it as MMS's `default_response_timeout`, which MMS 1.1 counts in "
+        "minutes: how long MMS waits for each reply of its worker, the model load included, "
+        "before it restarts the worker.",
+        env=("SAGEMAKER_MODEL_SERVER_TIMEOUT",),
+        parse=_positive_int,
+    )
+    model_server_timeout_seconds: int | None = option(
+        None,
+        "The same limit as `model_server_timeout`, in seconds; wins when set.",
+        env=("SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS",),
+        parse=_positive_int,
+    )
+    messages_api_enabled: bool = option(
+        False,
+        "As in TGI: `/invocations` takes chat completion bodies only. Off, it takes generate, "
+        "chat and completion bodies, told apart by their fields. The chat routes are always on.",
+        env=("MESSAGES_API_ENABLED",),
+        parse=_bool,
+    )
+    trust_remote_code: bool = option(
+        False,
+        "Run the model repository's own modelling and tokenizer code.",
+        flags=("--trust-remote-code",),
+        env=("HF_MODEL_TRUST_REMOTE_CODE", "TRUST_REMOTE_CODE"),
+        parse=_bool,
+        switch=True,
+    )
+    api_key: str | None = option(
+        None,
+        "When set, every route but health checks needs `Authorization: Bearer <key>`.",
+        flags=("--api-key",),
+        env=("API_KEY",),
+        secret=True,
+    )
+    hub_cache: str | None = option(
+        None,
+        "Download and export cache; default `$HF_HOME/hub` when `HF_HOME` is set.",
+        flags=("--huggingface-hub-cache",),
+        env=("HUGGINGFACE_HUB_CACHE", "HF_HUB_CACHE"),
+        fallback=True,
+    )
+    custom_cache_repo: str = option(
+        "aws-neuron/optimum-neuron-cache",
+        "Hub repository of precompiled Neuron artifacts that exports look up.",
+        env=("CUSTOM_CACHE_REPO",),
+    )
+    sm_num_gpus: int | None = option(
+        None,
+        "Set by SageMaker GPU snippets; meaningless here, accepted and ignored.",
+        env=("SM_NUM_GPUS",),
+        parse=_int,
+    )
+    log_level: str = option(
+        "INFO",
+        "Python logging level (`DEBUG`, `INFO`, `WARNING`...).",
+        flags=("--log-level",),
+        env=("LOG_LEVEL",),
+        parse=_upper,
+    )
+    request_header_timeout: float = option(
+        10.0,
+        "Seconds a client has to send a request's line and headers, from its connection or, "
+        "kept alive, from the request's first byte; then 408 and the connection is closed.",
+        flags=("--request-header-timeout",),
+        env=("REQUEST_HEADER_TIMEOUT",),
+        parse=_timeout,
+    )
+    request_body_timeout: float = option(
+        10.0,
+        "Seconds a request body may take after the headers, plus one per "
+        "`request_body_min_rate` bytes received; then 408.",
+        flags=("--request-body-timeout",),
+        env=("REQUEST_BODY_TIMEOUT",),
+        parse=_timeout,
+    )
+    request_body_min_rate: int = option(
+        1000,
+        "Bytes per second a long body must keep up: each such amount received extends its "
+        "deadline by a second.",
+        flags=("--request-body-min-rate",),
+        env=("REQUEST_BODY_MIN_RATE",),
+        parse=_positive_int,
+    )
+    max_connections: int = option(
+        2048,
+        "Open connections the server keeps, idle, being read or served; beyond it idle ones are "
+        "closed first, then new ones get 503 `overloaded` (health checks excepted).",
+        flags=("--max-connections",),
+        env=("MAX_CONNECTIONS",),
+        parse=_positive_int,
+    )
+    shutdown_grace: float = option(
+        20.0,
+        "Seconds running generations get to finish after SIGTERM; SageMaker kills at 30 s.",
+        flags=("--shutdown-grace",),
+        env=("SHUTDOWN_GRACE_SECONDS",),
+        parse=_seconds,
+    )
+    compile_on_start: bool = option(
+        False,
+        "Allow a Neuron export with no hub-cached artifacts at start-up. Off: such a compile "
+        "can outlast the health-check window.",
+        flags=("--compile-on-start",),
+        env=("NEURON_COMPILE_ON_START",),
+        parse=_bool,
+        switch=True,
+    )
+    on_device_sampling: bool | None = option(
+        None,
+        "Compile a Neuron export that chooses tokens on the device (true or false); default: "
+        "what optimum-neuron picks for the architecture (Llama: on). Off, the host samples: "
+        "seeds, penalties, typical_p and log-probabilities work, and `[batch, vocab]` logits "
+        "leave the device at every step.",
+        flags=("--on-device-sampling",),
+        env=("NEURON_ON_DEVICE_SAMPLING",),
+        parse=_bool,
+    )
+    neuron_rt_num_cores: int | None = option(
+        None,
+        "How many Neuron cores the runtime may take.",
+        env=("NEURON_RT_NUM_CORES",),
+        parse=_positive_int,
+    )
+    neuron_rt_visible_cores: str | None = option(
+        None,
+        "Which Neuron cores (`3`, `0-3`) the runtime may take.",
+        env=("NEURON_RT_VISIBLE_CORES",),
+    )
+    export_cache: str | None = option(
+        None,
+        "Where exported Neuron models are saved and found again; default `neuron-exports` "
+        "under the hub cache (`/data` in the image).",
+        flags=("--export-cache",),
+        env=("NEURON_EXPORT_CACHE",),
+    )
+    torch_compile: bool = option(
+        True,
+        "Compile the torch backend's decode step (true or false; handler/model/compiled.py). "
+        "Off, or where the model is outside the compiled family or the compile fails, "
+        "`transformers`' modelling code runs op by op (logged; `/info` says why).",
+        flags=("--torch-compile",),
+        env=("TORCH_COMPILE",),
+        parse=_bool,
+    )
+    compile_cache: str | None = option(
+        None,
+        "Where compiled decode steps are kept between starts; default `compiled-steps` under "
+        "the hub cache (`/data` in the image).",
+        flags=("--compile-cache",),
+        env=("TORCH_COMPILE_CACHE",),
+    )
+    sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    """Where each given setting was read: field name -> the flag or variable that gave it
+    (`--max-batch-size`, `HF_BATCH_SIZE`, `HF_HOME`). The others have their default, a value
+    derived from other settings, or (`with_compiled`) the compiled one."""
+
+    def mms_response_timeout(self) -> float:
+        """Seconds MMS waits for any reply of its worker (the load included) before it restarts
+        it: `model_server_timeout_seconds`, else `model_server_timeout` minutes."""
+        if self.model_server_timeout_seconds:
+            return float(self.model_server_timeout_seconds)
+        return 60.0 * self.model_server_timeout
+
+    def describe(self) -> dict[str, Any]:
+        """Every setting, secrets redacted: what start-up logs."""
+        described = {name: getattr(self, name) for name in OPTIONS}
+        for name, setting in OPTIONS.items():
+            if setting.secret and described[name] is not None:
+                described[name] = "<redacted>"
+        return described
+
+    def with_compiled(self, shape: CompiledShape) -> Settings:
+        """These settings with an exported model's compiled shapes in place of defaults.
+
+        A setting given by a flag or a variable (`sources`) keeps its value, which must agree
+        with the compiled one (the sequence length may be shorter); the others take the
+        compiled value, and what derives from them (`max_input_tokens`,
+        `max_batch_prefill_tokens`) follows. Raises `ConfigError` naming both values and the fix.
+        """
+        given = {name: getattr(self, name) for name in self.sources}
+        problems: list[str] = []
+        values = _derive(given, self.sources, shape, problems)
+        _raise_if(problems)
+        return Settings(**values, sources=self.sources)
+
+
+OPTIONS: dict[str, Option] = {
+    setting.name: setting.metadata[OPTION]
+    for setting in dataclasses.fields(Settings)
+    if OPTION in setting.metadata
+}
+"""Every setting's `Option`, in field order."""
+
+
+# --- reading -----------------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
+    environment_only = [name for o in OPTIONS.values() if not o.flags for name in o.env]
     parser = argparse.ArgumentParser(
         prog="python -m handler serve",
-        description="Serve a causal LM with TGI, OpenAI and SageMaker routes.",
+        description="Serve a causal LM with TGI, OpenAI and SageMaker routes. Flags win over "
+        "environment variables, which win over an exported model's compiled shapes, which win "
+        "over defaults.",
+        epilog=f"Read from the environment only: {', '.join(environment_only)}.",
         exit_on_error=False,
     )
-    for option in OPTIONS:
-        if not option.flags:
+    for name, described in OPTIONS.items():
+        if not described.flags:
             continue
-        if option.name in _BOOL_FLAGS:
-            parser.add_argument(*option.flags, dest=option.name, action="store_const", const="true")
+        mirrors = f" [env: {', '.join(described.env)}]" if described.env else ""
+        shown = (described.doc + mirrors).replace("%", "%%")
+        if described.switch:
+            parser.add_argument(
+                *described.flags, dest=name, action="store_const", const="true", help=shown
+            )
         else:
-            parser.add_argument(*option.flags, dest=option.name, metavar="VALUE")
+            parser.add_argument(*described.flags, dest=name, metavar="VALUE", help=shown)
     return parser
 
 
@@ -425,7 +594,7 @@ def parse_flags(argv: Sequence[str]) -> dict[str, str]:
     except argparse.ArgumentError as exc:
         raise ConfigError(f"Invalid command line: {exc}") from exc
     if unknown:
-        known = sorted(flag for option in OPTIONS for flag in option.flags)
+        known = sorted(flag for described in OPTIONS.values() for flag in described.flags)
         raise ConfigError(
             f"Unknown command-line argument(s): {' '.join(unknown)}. "
             f"Known flags: {', '.join(known)}"
@@ -440,15 +609,15 @@ def flags_as_environ(argv: Sequence[str], environ: Mapping[str, str]) -> dict[st
     flags = parse_flags(argv)
     out = dict(environ)
     stranded = []
-    for option in OPTIONS:
-        if option.name not in flags:
+    for name, described in OPTIONS.items():
+        if name not in flags:
             continue
-        if not option.env:
-            stranded.append(option.flags[0])
+        if not described.env:
+            stranded.append(described.flags[0])
             continue
-        for name in option.env:
-            out.pop(name, None)
-        out[option.env[0]] = flags[option.name]
+        for variable in described.env:
+            out.pop(variable, None)
+        out[described.env[0]] = flags[name]
     if stranded:
         raise ConfigError(
             f"{', '.join(stranded)} cannot reach the MMS worker, which reads only environment "
@@ -458,36 +627,42 @@ def flags_as_environ(argv: Sequence[str], environ: Mapping[str, str]) -> dict[st
     return out
 
 
-def _shown(option: _Option, value: str) -> str:
-    return "<redacted>" if option.secret else repr(value)
+def _shown(described: Option, value: str) -> str:
+    return "<redacted>" if described.secret else repr(value)
 
 
-def read_settings(
-    argv: Sequence[str] = (),
-    environ: Mapping[str, str] | None = None,
-    compiled: CompiledShape | None = None,
-) -> Settings:
-    """Build the `Settings` from flags, environment and an exported model's shapes.
+def read_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the `Settings` from flags and environment: once per process. An exported model's
+    compiled shapes come later, with `Settings.with_compiled`.
 
     Raises `ConfigError` listing every problem found.
     """
-    environ = {} if environ is None else environ
-    flags = parse_flags(argv)
     problems: list[str] = []
-    given: dict[str, Any] = {}
-    source: dict[str, str] = {}
+    given, sources = _read_given(argv, {} if environ is None else environ, problems)
+    values = _derive(given, sources, None, problems)
+    _raise_if(problems)
+    return Settings(**values, sources=sources)
 
-    for option in OPTIONS:
-        if option.name in flags:
-            raw, origin = flags[option.name], option.flags[0]
+
+def _read_given(
+    argv: Sequence[str], environ: Mapping[str, str], problems: list[str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The settings that flags and variables give (parsed), and which flag or variable gave
+    each; what is wrong goes to `problems`."""
+    flags = parse_flags(argv)
+    given: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, described in OPTIONS.items():
+        if name in flags:
+            raw, origin = flags[name], described.flags[0]
         else:
-            present = [(name, environ[name]) for name in option.env if environ.get(name, "") != ""]
+            present = [(env, environ[env]) for env in described.env if environ.get(env, "") != ""]
             if not present:
                 continue
-            if not option.fallback:
-                values = {value.strip() for _, value in present}
-                if len(values) > 1:
-                    listed = " and ".join(f"{name}={_shown(option, v)}" for name, v in present)
+            if not described.fallback:
+                distinct = {value.strip() for _, value in present}
+                if len(distinct) > 1:
+                    listed = " and ".join(f"{env}={_shown(described, v)}" for env, v in present)
                     problems.append(
                         f"{listed} give different values for one setting: set only "
                         f"{present[0][0]} (the others are older names for it)"
@@ -495,32 +670,34 @@ def read_settings(
                     continue
             origin, raw = present[0]
         try:
-            given[option.name] = option.parse(raw)
-            source[option.name] = origin
+            given[name] = described.parse(raw)
+            sources[name] = origin
         except ValueError as exc:
-            problems.append(f"{origin}={_shown(option, raw)} is invalid: {exc}")
+            problems.append(f"{origin}={_shown(described, raw)} is invalid: {exc}")
 
     if "hub_cache" not in given and environ.get("HF_HOME"):
         given["hub_cache"] = environ["HF_HOME"].rstrip("/") + "/hub"
-        source["hub_cache"] = "HF_HOME"
+        sources["hub_cache"] = "HF_HOME"
+    return given, sources
 
-    values = _derive(given, source, compiled, problems)
+
+def _raise_if(problems: list[str]) -> None:
     if problems:
         raise ConfigError("Invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
-    return Settings(**values)
 
 
 def _derive(
-    given: dict[str, Any],
-    source: dict[str, str],
+    given: Mapping[str, Any],
+    sources: Mapping[str, str],
     compiled: CompiledShape | None,
     problems: list[str],
 ) -> dict[str, Any]:
-    """Apply compiled shapes and derived defaults; check values against each other."""
+    """The given values with compiled shapes and derived defaults added; what contradicts goes
+    to `problems`. Precedence: `given` (flags, then environment), `compiled`, defaults."""
     values = dict(given)
 
     def named(name: str) -> str:
-        return f"{source[name]}={values[name]}"
+        return f"{sources[name]}={values[name]}"
 
     if compiled is not None:
         pairs = (
@@ -544,7 +721,7 @@ def _derive(
             if not ok:
                 problems.append(
                     f"{named(name)} but the model was compiled for {what} {compiled_value}: "
-                    f"set {source[name]}={compiled_value} (or unset it) or export the model again"
+                    f"set {sources[name]}={compiled_value} (or unset it) or export the model again"
                 )
 
     total = values.setdefault("max_total_tokens", DEFAULT_TOTAL_TOKENS)
@@ -555,12 +732,12 @@ def _derive(
     if max_input >= total:
         total_name = (
             named("max_total_tokens")
-            if "max_total_tokens" in source
+            if "max_total_tokens" in sources
             else f"max_total_tokens={total}"
         )
         input_name = (
             named("max_input_tokens")
-            if "max_input_tokens" in source
+            if "max_input_tokens" in sources
             else f"max_input_tokens={max_input}"
         )
         problems.append(
@@ -573,9 +750,6 @@ def _derive(
             f"{named('max_batch_prefill_tokens')} is smaller than max_input_tokens={max_input}: "
             f"the longest allowed prompt could never be prefilled; raise MAX_BATCH_PREFILL_TOKENS"
         )
-    for name in ("max_stop_sequences", "max_top_n_tokens"):
-        if name in values and values[name] < 0:
-            problems.append(f"{named(name)} must not be negative")
     if values.get("serving_stack") == "mms" and values.get("model_server_workers", 1) != 1:
         problems.append(
             f"{named('model_server_workers')}: each MMS worker is a process that loads its own "
@@ -583,13 +757,3 @@ def _derive(
             "all; set SAGEMAKER_MODEL_SERVER_WORKERS=1 or unset it"
         )
     return values
-
-
-def redacted_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    """The recognised variables present in `environ`, secrets replaced (for diagnostics)."""
-    out = {}
-    for option in OPTIONS:
-        for name in option.env:
-            if name in environ:
-                out[name] = "<redacted>" if option.secret else environ[name]
-    return out

@@ -14,9 +14,9 @@ from typing import Any
 
 from handler.api import tgi
 from handler.api.common import ApiContext, parse
+from handler.api.submission import RequestMetrics, Submission
 from handler.config import read_settings
 from handler.engine import Engine, load_engine
-from handler.server.app import Submission
 from handler.server.metrics import Metrics
 
 
@@ -36,14 +36,11 @@ class EndpointHandler:
         )
 
     def __call__(self, data: dict[str, Any]) -> list[dict[str, Any]]:
-        engine = self.engine
-        ctx = ApiContext.of(
-            engine.settings, engine.tokenizer, engine.model_id, engine.backend.shape
-        )
-        call = tgi.validate(ctx, parse(tgi.GenerateRequest, data), streaming=False, full_text=True)
-        handle = engine.generator.submit(call.request)
-        submission = Submission(handle, "EndpointHandler", handle.submitted_at, self.metrics)
-        tokens, final = submission.result()
+        with RequestMetrics(self.metrics) as counted:
+            body = parse(tgi.GenerateRequest, data)
+            call = tgi.validate(ApiContext.of(self.engine), body, streaming=False, full_text=True)
+            handle = self.engine.generator.submit(call.request)
+            tokens, final = Submission(handle, "EndpointHandler", counted).result()
         return [tgi.response(call, tokens, final)]
 
     def close(self) -> None:

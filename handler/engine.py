@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
-from handler.config import Settings, read_settings
+from handler.config import Settings
 from handler.errors import ConfigError
 from handler.generation.generator import Generator, eos_token_ids
 from handler.generation.request import GenerationRequest
@@ -33,6 +33,9 @@ class Engine:
     device: str
     dtype: str
     backend_name: str = "torch"
+    model_sha: str | None = None
+    """The hub commit the model was fetched at (`/info` `model_sha`); None for a local
+    directory."""
 
 
 def torch_device(requested: str) -> str:
@@ -70,6 +73,7 @@ def assemble(
     *,
     model_id: str,
     backend_name: str,
+    model_sha: str | None = None,
     start: bool = True,
     on_step: Callable[[str, int, float], None] | None = None,
 ) -> Engine:
@@ -103,7 +107,15 @@ def assemble(
     if start:
         generator.start()
     return Engine(
-        settings, tokenizer, backend, generator, model_id, shape.device, shape.dtype, backend_name
+        settings,
+        tokenizer,
+        backend,
+        generator,
+        model_id,
+        shape.device,
+        shape.dtype,
+        backend_name,
+        model_sha,
     )
 
 
@@ -114,10 +126,11 @@ def build_torch_engine(
     on_step: Callable[[str, int, float], None] | None = None,
     model_id: str | None = None,
     report: Callable[[str], None] = lambda stage: None,
+    model_sha: str | None = None,
 ) -> Engine:
     """Load the model with the torch backend, compile its decode step (or load the compiled
     step from the cache) unless `torch_compile` is off, and start the scheduler thread.
-    `model_id` is what `/info` reports (default: the directory name)."""
+    `model_id` and `model_sha` are what `/info` reports (default: the directory name, none)."""
     device = torch_device(settings.device)
     dtype = torch_dtype(settings, device)
     backend = TorchBackend.from_pretrained(
@@ -148,6 +161,7 @@ def build_torch_engine(
         model_path,
         model_id=model_id or Path(model_path).name,
         backend_name="torch",
+        model_sha=model_sha,
         start=start,
         on_step=on_step,
     )
@@ -157,18 +171,18 @@ def build_neuron_engine(
     settings: Settings,
     model: ResolvedModel,
     report: Callable[[str], None],
-    argv: Sequence[str],
     environ: Mapping[str, str],
     on_step: Callable[[str, int, float], None] | None = None,
 ) -> Engine:
     """Load an exported Neuron model, or export one (in a separate process), then serve it.
 
-    The compiled shapes become the settings' defaults; a setting that contradicts them stops
-    start-up (`read_settings` names both values)."""
-    from handler.model import neuron_loader
+    The compiled shapes replace the settings' defaults (`Settings.with_compiled`); a setting
+    that contradicts them stops start-up naming both values. `environ`: the process
+    environment, which an export process inherits."""
+    from handler.model import neuron_cores, neuron_loader
     from handler.model.neuron_backend import NeuronBackend
 
-    cores = neuron_loader.available_cores(
+    cores = neuron_cores.available_cores(
         settings.neuron_rt_num_cores, settings.neuron_rt_visible_cores
     )
     # An exported model is loaded from the snapshot `resolve_model` fetched: optimum-neuron's
@@ -186,7 +200,7 @@ def build_neuron_engine(
         environ=environ,
         visible_cores_spec=settings.neuron_rt_visible_cores,
     )
-    settings = read_settings(argv, environ, compiled=prepared.shape)
+    settings = settings.with_compiled(prepared.shape)
     report("loading")
     neuron_model = neuron_loader.load_neuron_model(
         prepared.model, revision=prepared.revision, token=settings.hf_token
@@ -197,6 +211,7 @@ def build_neuron_engine(
         model.path,
         model_id=model.model_id,
         backend_name="neuron",
+        model_sha=model.revision,
         on_step=on_step,
     )
 
@@ -212,21 +227,28 @@ def load_engine(
     settings: Settings,
     report: Callable[[str], None],
     on_step: Callable[[str, int, float], None] | None = None,
-    argv: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
 ) -> Engine:
     """Resolve, load and warm up, reporting each stage (`downloading`, `compiling`, `loading`,
-    `warming_up`) for the health checks. `argv`/`environ` re-read the settings with an
-    exported model's compiled shapes."""
+    `warming_up`) for the health checks.
+
+    `settings` are the process's, read once; an exported model's compiled shapes are applied to
+    them, not read again. `environ`: the process environment, for a Neuron export process.
+    """
     report("downloading")
     model = resolve_model(settings)
     choice = choose_backend(settings)
     if choice.name == "neuron":
-        engine = build_neuron_engine(settings, model, report, argv, environ or {}, on_step)
+        engine = build_neuron_engine(settings, model, report, environ or {}, on_step)
     else:
         report("loading")
         engine = build_torch_engine(
-            settings, model.path, on_step=on_step, model_id=model.model_id, report=report
+            settings,
+            model.path,
+            on_step=on_step,
+            model_id=model.model_id,
+            report=report,
+            model_sha=model.revision,
         )
     report("warming_up")
     warm_up(engine)

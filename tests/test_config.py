@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 
-from handler.config import CompiledShape, ConfigError, positive_int_argument, read_settings
+from handler import config
+from handler.config import (
+    OPTIONS,
+    CompiledShape,
+    ConfigError,
+    Settings,
+    positive_int_argument,
+    read_settings,
+)
+
+README = Path(__file__).parent.parent / "README.md"
 
 VALID = [
     (
@@ -65,6 +78,7 @@ VALID = [
     ({"HF_HOME": "/data"}, {"hub_cache": "/data/hub"}),
     ({"HUGGINGFACE_HUB_CACHE": "/cache", "HF_HOME": "/data"}, {"hub_cache": "/cache"}),
     ({"HOSTNAME": "container-42"}, {"hostname": "0.0.0.0"}),
+    ({"MAX_WAITING_TOKENS": "0", "MAX_TOP_N_TOKENS": "0"}, {"max_waiting_tokens": 0}),
     ({}, {"torch_compile": True, "compile_cache": None}),
     (
         {"TORCH_COMPILE": "false", "TORCH_COMPILE_CACHE": "/data/steps"},
@@ -111,6 +125,9 @@ INVALID = [
         ["MAX_BATCH_PREFILL_TOKENS=10 is smaller than max_input_tokens=100"],
     ),
     ({"HF_MODEL_TRUST_REMOTE_CODE": "maybe"}, ["HF_MODEL_TRUST_REMOTE_CODE='maybe' is invalid"]),
+    ({"MAX_WAITING_TOKENS": "-1"}, ["MAX_WAITING_TOKENS='-1' is invalid: must be 0 or more"]),
+    ({"MAX_STOP_SEQUENCES": "-2"}, ["MAX_STOP_SEQUENCES='-2' is invalid: must be 0 or more"]),
+    ({"MAX_TOP_N_TOKENS": "-1"}, ["MAX_TOP_N_TOKENS='-1' is invalid: must be 0 or more"]),
     ({"SERVING_BACKEND": "tpu"}, ["SERVING_BACKEND='tpu' is invalid", "auto, torch, neuron"]),
     ({"TORCH_COMPILE": "sometimes"}, ["TORCH_COMPILE='sometimes' is invalid", "true or false"]),
 ]
@@ -175,9 +192,49 @@ def test_unknown_flag_is_refused() -> None:
 
 
 def test_compiled_shapes_become_defaults() -> None:
-    settings = read_settings([], {}, CompiledShape(8, 2048, 2, "bf16"))
+    settings = read_settings([], {}).with_compiled(CompiledShape(8, 2048, 2, "bf16"))
     assert (settings.max_batch_size, settings.max_total_tokens, settings.num_cores) == (8, 2048, 2)
     assert (settings.auto_cast_type, settings.max_input_tokens) == ("bf16", 1024)
+    assert settings.max_batch_prefill_tokens == 8 * 1024
+
+
+def test_compiled_shapes_rank_below_flags_and_environment() -> None:
+    """Flags, then environment, then compiled shapes, then defaults; values derived from a
+    default follow the compiled shape, given ones stay."""
+    shape = CompiledShape(8, 2048, 2, "bf16", on_device_sampling=False)
+    read = read_settings(
+        ["--max-input-tokens", "100"], {"MAX_INPUT_TOKENS": "300", "HF_NUM_CORES": "2"}
+    )
+
+    settings = read.with_compiled(shape)
+
+    assert (settings.max_input_tokens, settings.num_cores) == (100, 2)
+    assert (settings.max_batch_size, settings.max_total_tokens) == (8, 2048)
+    assert settings.max_batch_prefill_tokens == 8 * 100
+    assert settings.on_device_sampling is False
+    assert settings.sources == {
+        "max_input_tokens": "--max-input-tokens",
+        "num_cores": "HF_NUM_CORES",
+    }
+    assert (read.max_batch_size, read.max_total_tokens) == (4, 4096)  # a new object
+
+
+def test_a_shorter_sequence_length_than_compiled_is_kept() -> None:
+    shape = CompiledShape(4, 2048, 2, "bf16")
+    settings = read_settings([], {"MAX_TOTAL_TOKENS": "1024"}).with_compiled(shape)
+    assert (settings.max_total_tokens, settings.max_input_tokens) == (1024, 512)
+
+
+def test_with_compiled_checks_what_the_compiled_shape_derives() -> None:
+    """A prompt limit that fits the default sequence length but not the compiled one."""
+    read = read_settings([], {"MAX_INPUT_TOKENS": "3000"})
+    with pytest.raises(ConfigError, match="MAX_INPUT_TOKENS=3000 must be smaller than"):
+        read.with_compiled(CompiledShape(4, 2048))
+
+
+def test_where_a_setting_came_from_does_not_make_it_different() -> None:
+    """The MMS worker reads from variables what the launcher got as flags: equal settings."""
+    assert read_settings(["--max-batch-size", "2"], {}) == read_settings([], {"HF_BATCH_SIZE": "2"})
 
 
 @pytest.mark.parametrize(
@@ -200,16 +257,15 @@ def test_compiled_shapes_become_defaults() -> None:
     ],
 )
 def test_contradicting_compiled_shape(environ: dict[str, str], fragment: str) -> None:
+    settings = read_settings([], environ)
     with pytest.raises(ConfigError) as info:
-        read_settings([], environ, CompiledShape(4, 2048, 2, "bf16"))
+        settings.with_compiled(CompiledShape(4, 2048, 2, "bf16"))
     assert fragment in str(info.value)
 
 
 def test_compiled_dtype_alias_matches() -> None:
-    settings = read_settings(
-        [], {"HF_AUTO_CAST_TYPE": "bfloat16"}, CompiledShape(4, 2048, 2, "bf16")
-    )
-    assert settings.auto_cast_type == "bf16"
+    settings = read_settings([], {"HF_AUTO_CAST_TYPE": "bfloat16"})
+    assert settings.with_compiled(CompiledShape(4, 2048, 2, "bf16")).auto_cast_type == "bf16"
 
 
 def test_secrets_redacted() -> None:
@@ -249,3 +305,44 @@ def test_command_line_tools_refuse_what_the_settings_refuse(text: str, message: 
     assert positive_int_argument(" 3 ") == 3
     with pytest.raises(argparse.ArgumentTypeError, match=f"'{text}': {message}"):
         positive_int_argument(text)
+
+
+# --- the options: one declaration per setting ------------------------------------------------
+
+
+def test_every_setting_is_declared_once_with_its_names_and_doc() -> None:
+    fields = [f.name for f in dataclasses.fields(Settings) if f.name != "sources"]
+    assert list(OPTIONS) == fields
+    flags = [flag for option in OPTIONS.values() for flag in option.flags]
+    env = [name for option in OPTIONS.values() for name in option.env]
+    assert len(flags) == len(set(flags)) and len(env) == len(set(env))
+    for name, option in OPTIONS.items():
+        assert option.doc.strip(), name
+        assert option.flags or option.env, name
+
+
+def test_help_names_each_flag_with_its_variables() -> None:
+    shown = " ".join(config._parser().format_help().split())
+    assert "--max-batch-size VALUE Static batch size" in shown
+    assert "[env: MAX_BATCH_SIZE, HF_BATCH_SIZE, SM_ON_BATCH_SIZE]" in shown
+    assert "--trust-remote-code Run the model repository's own" in shown
+    assert "Read from the environment only: HF_TOKEN, HUGGING_FACE_HUB_TOKEN" in shown
+
+
+def test_readme_configuration_names_only_what_the_settings_read() -> None:
+    """Every flag and variable the README's Configuration section names is one an option
+    declares (or `HF_HOME`, read for the hub cache; `HOSTNAME`, named as deliberately unread)."""
+    section = README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(--[a-z-]+)", section))
+    variables = set(re.findall(r"`([A-Z][A-Z0-9_]{2,})`", section))
+    declared_flags = {flag for option in OPTIONS.values() for flag in option.flags}
+    declared_env = {name for option in OPTIONS.values() for name in option.env}
+    assert named and named <= declared_flags
+    assert variables and variables - {"HF_HOME", "HOSTNAME"} <= declared_env
+
+
+def test_settings_secrets_are_the_options_marked_secret() -> None:
+    secret = {name for name, option in OPTIONS.items() if option.secret}
+    assert secret == {"hf_token", "api_key"}
+    described = read_settings([], {"HF_TOKEN": "t", "API_KEY": "k"}).describe()
+    assert {name for name, value in described.items() if value == "<redacted>"} == secret

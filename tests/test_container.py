@@ -22,7 +22,7 @@ import sysconfig
 import tomllib
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import ModuleType
 
 import pytest
@@ -279,6 +279,19 @@ def copy_sources(item: Instruction) -> list[str]:
     return words[:-1]
 
 
+def copies_code(item: Instruction) -> bool:
+    """A COPY of handler/, from the build context or from an earlier stage."""
+    return item.keyword == "COPY" and any(
+        PurePosixPath(source).name == "handler" for source in copy_sources(item)
+    )
+
+
+def removes_helpers(item: Instruction) -> bool:
+    return item.keyword == "RUN" and bool(
+        re.search(r"\brm -rf \S*handler/testing\b", item.arguments)
+    )
+
+
 def last_argument(image: list[Instruction], keyword: str) -> str | None:
     found = [item.arguments for item in image if item.keyword == keyword]
     return found[-1] if found else None
@@ -370,7 +383,7 @@ def layer_problems(instructions: list[Instruction], image: list[Instruction]) ->
     copies = [(index, copy_sources(item)) for index, item in enumerate(image)]
     copies = [(index, sources) for index, sources in copies if image[index].keyword == "COPY"]
     requirements = [i for i, sources in copies if any("requirements" in s for s in sources)]
-    code = [i for i, sources in copies if any(s.rstrip("/") == "handler" for s in sources)]
+    code = [i for i, item in enumerate(image) if copies_code(item)]
     if not requirements or not code or requirements[0] > code[0]:
         problems.append("requirements are not copied (and installed) before handler/")
     elif not any(
@@ -388,6 +401,32 @@ def layer_problems(instructions: list[Instruction], image: list[Instruction]) ->
     return problems
 
 
+def helper_problems(instructions: list[Instruction], image: list[Instruction]) -> list[str]:
+    """The serving image leaves out handler/testing (the tests' model converter and Neuron
+    stand-in): its handler/ comes from a stage that removes them after copying, so that no
+    layer of the image holds them (a `RUN rm` in the image would leave them in the layer of its
+    COPY)."""
+    problems = []
+    names = stage_names(instructions)
+    for item in filter(copies_code, image):
+        source = re.search(r"--from=(\S+)", item.arguments)
+        if source is None:
+            problems.append(
+                f"COPY {item.arguments} brings handler/testing into the serving image: copy "
+                "handler/ from a stage that removes it"
+            )
+        elif source.group(1).lower() not in names:
+            problems.append(f"COPY {item.arguments}: {source.group(1)} is not a stage here")
+        else:
+            stage = image_instructions(instructions, source.group(1).lower())
+            copied = max(i for i, step in enumerate(stage) if copies_code(step))
+            if not any(removes_helpers(step) for step in stage[copied:]):
+                problems.append(
+                    f"stage {source.group(1)} does not rm -rf handler/testing after its COPY"
+                )
+    return problems
+
+
 def dockerfile_problems(text: str) -> list[str]:
     """What SageMaker, Inference Endpoints and layer caching need from a serving image (the
     final stage, with the stages it is built from)."""
@@ -398,6 +437,7 @@ def dockerfile_problems(text: str) -> list[str]:
         + environment_problems(instructions, image)
         + base_image_problems(instructions)
         + layer_problems(instructions, image)
+        + helper_problems(instructions, image)
     )
 
 
@@ -437,8 +477,20 @@ EXPOSE 80
         "python:latest uses latest",
         "before handler/",
         "entrypoint.sh is not copied",
+        "COPY handler/ ./handler/ brings handler/testing into the serving image",
     ]:
         assert expected in problems
+    stage = (
+        "FROM python:3.11 AS code\nCOPY handler/ ./handler/\n{removal}FROM python:3.11\n{copy}\n"
+    )
+    for removal, copy, expected in [
+        ("", "COPY --from=code /app/handler/ ./handler/", "stage code does not rm -rf"),
+        ("", "COPY --from=other /app/handler/ ./handler/", "other is not a stage here"),
+        ("RUN rm -rf handler/testing\n", "COPY --from=code /app/handler/ ./handler/", None),
+    ]:
+        instructions = parse_dockerfile(stage.format(removal=removal, copy=copy))
+        found = helper_problems(instructions, image_instructions(instructions))
+        assert (expected in "\n".join(found)) if expected else found == [], (copy, found)
 
 
 def test_container_scripts_are_executable() -> None:
@@ -546,6 +598,17 @@ def test_the_test_stage_has_the_files_the_tests_read(cpu_dockerfile: list[Instru
     }
     assert {"README.md", ".ci"} <= named
     assert named - copied == set()
+
+
+def test_the_test_stage_has_the_test_helpers(cpu_dockerfile: list[Instruction]) -> None:
+    """The tests import handler.testing: the test stage copies handler/ whole from the build
+    context, where the serving image takes it from a stage that removes handler/testing."""
+    test_stage = image_instructions(cpu_dockerfile, "test")
+    copies = [item for item in test_stage if copies_code(item)]
+    assert copies and all("--from" not in item.arguments for item in copies), copies
+    assert not any(removes_helpers(item) for item in test_stage)
+    runtime = image_instructions(cpu_dockerfile)
+    assert [item for item in runtime if copies_code(item)] != copies
 
 
 def test_the_test_stage_declares_no_health_check(cpu_dockerfile: list[Instruction]) -> None:

@@ -1,7 +1,7 @@
 """Neuron model preparation: every branch of `prepare_neuron_model`, without optimum-neuron.
 
 A fake `optimum.neuron` tree goes into `sys.modules`: one module per module of
-`neuron_loader.CONTRACT`, each exposing only the names the contract declares, each a recording
+`neuron_contract.CONTRACT`, each exposing only the names the contract declares, each a recording
 fake that refuses keyword arguments the contract does not declare, and each as strict as the
 function of optimum-neuron 0.4.5 it stands for: `get_neuron_config` takes the dtype from the
 model config (`DTYPE_MAPPER.pt(config.dtype)`, which raises on None), `get_available_cores`
@@ -34,8 +34,9 @@ from transformers import LlamaConfig
 
 from handler import engine as engine_module
 from handler.config import CompiledShape, ConfigError, Settings, read_settings
-from handler.model import neuron_backend, neuron_export, neuron_loader
-from handler.model.neuron_loader import (
+from handler.model import neuron_backend, neuron_cache, neuron_export, neuron_loader
+from handler.model.neuron_cache import export_dir, export_key, export_root
+from handler.model.neuron_contract import (
     ALIGN_TARGET,
     AVAILABLE_CORES,
     CONTRACT,
@@ -49,16 +50,11 @@ from handler.model.neuron_loader import (
     SAVE_PRETRAINED,
     SELECT_CACHED,
     ContractEntry,
-    available_cores,
-    check_cores,
     compiled_shape,
-    export_dir,
-    export_key,
-    export_root,
     is_exported,
-    load_neuron_model,
-    prepare_neuron_model,
 )
+from handler.model.neuron_cores import available_cores, check_available_cores
+from handler.model.neuron_loader import load_neuron_model, prepare_neuron_model
 from handler.model.resolve import ResolvedModel
 
 MODEL = "acme/llama-3-8b"
@@ -414,7 +410,7 @@ class FakeExportProcess:
 @pytest.fixture
 def export_process(monkeypatch: pytest.MonkeyPatch) -> FakeExportProcess:
     fake = FakeExportProcess()
-    monkeypatch.setattr(neuron_loader.subprocess, "Popen", fake)
+    monkeypatch.setattr(neuron_cache.subprocess, "Popen", fake)
     return fake
 
 
@@ -454,7 +450,7 @@ def test_exported_model_is_served_as_is(
     assert optimum.called(GET_NEURON_CONFIG) == []
     assert optimum.called(SELECT_CACHED) == []
     assert export_process.runs == []
-    settings = read_settings([], {}, compiled=prepared.shape)
+    settings = read_settings([], {}).with_compiled(prepared.shape)
     assert (settings.max_batch_size, settings.max_total_tokens) == (4, 2048)
     assert (settings.num_cores, settings.auto_cast_type) == (2, "bf16")
     assert settings.on_device_sampling is True
@@ -466,7 +462,7 @@ def test_batch_size_contradicting_the_exported_model_stops_start_up(
     model_dir = write_export(tmp_path / "llama-neuron", 4, 2048, 2)
 
     with pytest.raises(ConfigError) as error:
-        read_settings([], {"MAX_BATCH_SIZE": "8"}, compiled=compiled_shape(model_dir))
+        read_settings([], {"MAX_BATCH_SIZE": "8"}).with_compiled(compiled_shape(model_dir))
 
     message = str(error.value)
     assert "MAX_BATCH_SIZE=8 but the model was compiled for batch size 4" in message
@@ -595,7 +591,7 @@ def test_cached_configuration_is_exported_in_a_separate_process(
     assert env["HF_TOKEN"] == TOKEN
     assert env["CUSTOM_CACHE_REPO"] == "aws-neuron/optimum-neuron-cache"
     assert env["PATH"] == "/usr/bin"
-    assert env["PYTHONPATH"].split(os.pathsep) == [str(neuron_loader.PROJECT_ROOT), "/opt/lib"]
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(neuron_cache.PROJECT_ROOT), "/opt/lib"]
 
     target = export_dir(settings_for(tmp_path, HF_AUTO_CAST_TYPE="bf16"), MODEL, "abc123", "trn1")
     assert Path(partial).parent == target.parent
@@ -806,7 +802,7 @@ def test_more_cores_requested_than_available(
 
 def test_no_cores_at_all() -> None:
     with pytest.raises(ConfigError) as error:
-        check_cores(1, 0)
+        check_available_cores(1, 0)
 
     message = str(error.value)
     assert "No Neuron cores are available to this process" in message
@@ -875,7 +871,7 @@ def test_invalid_core_variables(
 
 def test_export_key_names_every_shape_and_version(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
-        neuron_loader,
+        neuron_cache,
         "sdk_versions",
         lambda: {"optimum-neuron": "0.4.5", "neuronx-cc": "2.21.33363.0+2b2a9e9f"},
     )
@@ -999,7 +995,7 @@ def test_export_cli_parses_without_optimum_neuron() -> None:
         [sys.executable, "-m", "handler.model.neuron_export", "--help"],
         capture_output=True,
         text=True,
-        cwd=neuron_loader.PROJECT_ROOT,
+        cwd=neuron_cache.PROJECT_ROOT,
         timeout=60,
     )
 
@@ -1037,7 +1033,7 @@ def test_hub_hosted_export_loads_from_the_downloaded_snapshot(
     environ = {"HF_TOKEN": TOKEN}
 
     loaded = engine_module.build_neuron_engine(
-        read_settings([], environ), resolved, lambda stage: None, [], environ
+        read_settings([], environ), resolved, lambda stage: None, environ
     )
 
     assert loaded == ("loaded", str(snapshot / "checkpoint"))
@@ -1068,7 +1064,7 @@ def test_standard_hub_model_is_still_exported_from_its_id(
     environ = {"NEURON_EXPORT_CACHE": str(tmp_path / "exports"), "HF_NUM_CORES": "2"}
 
     engine_module.build_neuron_engine(
-        read_settings([], environ), resolved, lambda stage: None, [], environ
+        read_settings([], environ), resolved, lambda stage: None, environ
     )
 
     [(command, _)] = export_process.runs
@@ -1180,7 +1176,7 @@ def test_on_device_sampling_switch_at_start_up(
     assert command[command.index("--on-device-sampling") + 1] == "false"
     assert "-sampling-host--" in Path(prepared.model).name
     assert prepared.shape.on_device_sampling is False
-    assert read_settings([], {}, compiled=prepared.shape).on_device_sampling is False
+    assert read_settings([], {}).with_compiled(prepared.shape).on_device_sampling is False
 
 
 def test_on_device_sampling_contradicting_the_exported_model_stops_start_up(
@@ -1189,7 +1185,9 @@ def test_on_device_sampling_contradicting_the_exported_model_stops_start_up(
     model_dir = write_export(tmp_path / "llama-neuron", 4, 2048, 2, on_device_sampling=True)
 
     with pytest.raises(ConfigError) as error:
-        read_settings(["--on-device-sampling", "false"], {}, compiled=compiled_shape(model_dir))
+        read_settings(["--on-device-sampling", "false"], {}).with_compiled(
+            compiled_shape(model_dir)
+        )
 
     assert "--on-device-sampling=False but the model was compiled for on-device sampling True" in (
         str(error.value)

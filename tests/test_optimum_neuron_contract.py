@@ -1,7 +1,7 @@
 """What we call of optimum-neuron exists in the pinned wheel, read as source (never imported).
 
 The wheel of the version `requirements-neuron.txt` pins is downloaded once (`pip download`, kept
-in pytest's cache directory) and parsed with `ast`. Each entry of `neuron_loader.CONTRACT` must
+in pytest's cache directory) and parsed with `ast`. Each entry of `neuron_contract.CONTRACT` must
 resolve, through `from ... import` re-exports and optimum's lazy `_import_structure`, to a
 function or class, its methods through base classes, with every keyword argument we pass and
 every attribute we read. Without network or package index, the tests are skipped, unless
@@ -33,7 +33,7 @@ import torch
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from handler.model.neuron_loader import CONTRACT, OPTIMUM_NEURON_PIN, ContractEntry
+from handler.model.neuron_contract import CONTRACT, OPTIMUM_NEURON_PIN, ContractEntry
 from handler.testing.fake_neuron import (
     CONTEXT_POSITION_PAD,
     DEFAULT_PAD_TOKEN_ID,

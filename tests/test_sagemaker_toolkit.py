@@ -49,6 +49,8 @@ from tests.conftest import PROMPTS
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"MAX_BATCH_SIZE": "2", "MAX_TOTAL_TOKENS": "512", "HF_AUTO_CAST_TYPE": "fp32"}
 MODEL_VARIABLES = ("HF_MODEL_ID", "MODEL_ID", "SM_ON_MODEL", "SERVING_STACK")
+DEEP = b"[" * 100_000 + b"]" * 100_000
+"""A body nested deeper than the JSON decoder goes (about 1,000 levels)."""
 JRE = "default-jre-headless"
 """Debian's Java runtime (OpenJDK 17 on Debian 12), for MMS's frontend."""
 
@@ -169,6 +171,10 @@ def test_input_fn_reads_json_bodies(body: str | bytes, content_type: str | None)
         (None, "application/x-www-form-urlencoded", 415, "unsupported_media_type", "form"),
         (b'{"inputs": ', "application/json", 400, "bad_request", "not valid JSON"),
         (b'{"inputs": "\xff"}', "application/json", 400, "bad_request", "not valid JSON"),
+        (DEEP, "application/json", 400, "bad_request", "nested too deeply"),
+        (DEEP.decode(), "application/json", 400, "bad_request", "nested too deeply"),
+        (b'{"inputs": "\\ud800"}', "application/json", 400, "bad_request", "surrogate"),
+        (b'{"inputs": "\xed\xa0\x80"}', "application/json", 400, "bad_request", "not valid JSON"),
         (b"[1, 2]", "application/json", 422, "validation", "expected a JSON object"),
         (b'{"parameters": {}}', "application/json", 422, "validation", "`inputs`"),
         (b'{"inputs": 5}', "application/json", 422, "validation", "`inputs`"),
@@ -178,7 +184,7 @@ def test_input_fn_reads_json_bodies(body: str | bytes, content_type: str | None)
     ],
 )
 def test_input_fn_refuses_bad_bodies_with_4xx(
-    body: bytes | None,
+    body: str | bytes | None,
     content_type: str | None,
     status: int | None,
     error_type: str | None,
@@ -240,9 +246,17 @@ def test_predict_fn_validates_like_the_server(
     model: LoadedModel, parameters: dict[str, Any], says: str
 ) -> None:
     data = input_fn(json.dumps(generate_body(**parameters)), "application/json")
+    counts = model.metrics.counts
+
+    def counted() -> tuple[int, int]:
+        failed = counts.value("tgi_request_failure", err="validation")
+        return counts.value("tgi_request_count"), failed
+
+    received, failed = counted()
     error = raised(predict_fn, data, model)
     assert (error.status_code, error.error_type) == (422, "validation")
     assert says in error.message and error.message.startswith("Input validation error")
+    assert counted() == (received + 1, failed + 1)  # as the HTTP server counts it
 
 
 @pytest.mark.slow
@@ -364,6 +378,12 @@ def test_handler_service_answers_errors_with_json_bodies(
             error = json.loads(answer)
             assert status in (400, 406, 415, 422) and response_type == "application/json"
             assert set(error) == {"error", "error_type"} and "Traceback" not in answer
+
+        # A 400 as from the HTTP server, not the 500 of an exception the toolkit does not know.
+        status, response_type, answer = handle(service, smollm2_dir, DEEP)
+        assert (status, response_type) == (400, "application/json")
+        assert json.loads(answer)["error_type"] == "bad_request"
+        assert "nested too deeply" in json.loads(answer)["error"]
 
         def crash(*args: Any) -> None:
             raise RuntimeError("a bug with /internal/details")

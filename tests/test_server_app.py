@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from flask.testing import FlaskClient
 
+from handler.api import tgi
 from handler.engine import Engine
 from handler.server.app import create_app
 from handler.server.metrics import Metrics
@@ -20,11 +21,16 @@ from tests.conftest import PROMPTS
 
 
 @pytest.fixture
-def client(engine: Engine) -> FlaskClient:
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+def client(engine: Engine, metrics: Metrics) -> FlaskClient:
     state = ServerState(engine.settings)
     state.engine = engine
     state.stage = Stage.READY
-    return create_app(state, Metrics()).test_client()
+    return create_app(state, metrics).test_client()
 
 
 @pytest.fixture
@@ -96,3 +102,41 @@ def test_a_failed_non_streaming_request_gets_424(
     assert response.status_code == 424
     assert response.json["error_type"] == "generation"
     assert "Traceback" not in response.json["error"]
+
+
+def test_each_generation_request_counts_once(
+    client: FlaskClient,
+    metrics: Metrics,
+    fail_decode_after: Callable[[int], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Received once, ended once (`handler.api.submission.RequestMetrics`): a refusal before
+    the prompt is queued, a bug while answering, a model failure (the error an answer or a
+    stream ends with is its prompt's failure, not a second one). A body that cannot be read is
+    not a generation request yet."""
+    body = {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 2}}
+    assert client.post("/generate", data="{", content_type="application/json").status_code == 400
+    assert client.post("/generate", json={"inputs": ""}).status_code == 422
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a formatting bug")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(tgi, "response", broken)
+        assert client.post("/generate", json=body).status_code == 500
+
+    fail_decode_after(0)
+    assert client.post("/generate", json=body).status_code == 424
+    stream = client.post("/generate_stream", json=body)
+    assert json.loads(list(data_events(stream.data))[-1])["error_type"] == "generation"
+
+    def count(name: str, **labels: str) -> int:
+        return metrics.counts.value(name, **labels)
+
+    assert count("tgi_request_count") == 4
+    assert count("tgi_request_success") == 1  # the prompt whose answer could not be formatted
+    assert count("tgi_request_failure", err="validation") == 1
+    assert count("tgi_request_failure", err="server_error") == 1
+    assert count("tgi_request_failure", err="generation") == 2
+    assert count("tgi_request_failure", err="bad_request") == 0
+    assert count("tgi_request_failure", err="cancelled") == 0

@@ -8,14 +8,23 @@ contract over the real SmolLM2 weights. Everything above it (backend choice, com
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
+from handler import config
+from handler import engine as engine_module
+from handler.model.resolve import ResolvedModel
+from handler.server.app import create_app
+from handler.server.metrics import Metrics
+from handler.server.state import ServerState
 from tests.conftest import PROMPTS, RunningServer, launch_server
 
 FAKE_OPTIMUM = Path(__file__).parent / "fake_optimum"
@@ -145,3 +154,68 @@ def test_a_setting_that_contradicts_the_compiled_model_stops_start_up(
     assert server.process.wait(timeout=120) == 3
     log = server.log()
     assert "MAX_BATCH_SIZE" in log and "8" in log and "4" in log, log
+
+
+# --- in this process: the engine the server's worker builds ----------------------------------
+
+
+@pytest.fixture
+def fake_optimum_here(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """tests/fake_optimum importable in this process, as `launch_neuron`'s PYTHONPATH makes it
+    in the server's."""
+
+    def loaded() -> list[str]:
+        return [name for name in sys.modules if name.split(".")[0] == "optimum"]
+
+    monkeypatch.syspath_prepend(str(FAKE_OPTIMUM))
+    for name in loaded():
+        monkeypatch.delitem(sys.modules, name)
+    yield
+    for name in loaded():
+        del sys.modules[name]
+
+
+def test_settings_are_read_once_and_the_revision_reaches_info(
+    smollm2_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fake_optimum_here: None,
+) -> None:
+    """The worker's path: settings read once from flags and environment, the exported model's
+    shapes applied to them (not read again), and the hub commit it came at in `/info`."""
+    reads: list[Any] = []
+    real_read = config._read_given
+
+    def counted(*args: Any) -> Any:
+        reads.append(args)
+        return real_read(*args)
+
+    monkeypatch.setattr(config, "_read_given", counted)
+    real_resolve = engine_module.resolve_model
+
+    def from_the_hub(settings: config.Settings) -> ResolvedModel:
+        resolved = real_resolve(settings)
+        return dataclasses.replace(resolved, model_id="acme/smollm2-neuron", revision="abc123")
+
+    monkeypatch.setattr(engine_module, "resolve_model", from_the_hub)
+    model = exported_model(smollm2_dir, tmp_path, False)
+    environ = {"SERVING_BACKEND": "neuron", "MAX_INPUT_TOKENS": "100"}
+    settings = config.read_settings(["--model-id", str(model)], environ)
+    stages: list[str] = []
+
+    engine = engine_module.load_engine(settings, stages.append, environ=environ)
+    try:
+        assert len(reads) == 1
+        assert stages == ["downloading", "compiling", "loading", "warming_up"]
+        assert engine.backend_name == "neuron"
+        applied = engine.settings
+        assert (applied.max_batch_size, applied.max_total_tokens) == (4, 512)  # compiled
+        assert (applied.max_input_tokens, applied.max_batch_prefill_tokens) == (100, 400)
+        assert (applied.num_cores, applied.on_device_sampling) == (2, False)
+        state = ServerState(settings)
+        state.engine = engine
+        info = create_app(state, Metrics()).test_client().get("/info").get_json()
+        assert info["model_id"] == "acme/smollm2-neuron" and info["model_sha"] == "abc123"
+        assert (info["max_batch_size"], info["max_total_tokens"]) == (4, 512)
+    finally:
+        engine.generator.stop()

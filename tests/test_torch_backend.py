@@ -145,7 +145,7 @@ def test_packed_prompts_attend_to_themselves_only(window: int | None) -> None:
         torch_backend._prompt_group([bounds[i] for i in g], window, torch.float32, "cpu")
         for g in torch_backend._group_lengths(lengths)
     ]
-    step = torch_backend._Step(segments=[(0, s, e - s) for s, e in bounds], groups=groups)
+    step = torch_backend._PrefillStep(segments=[(0, s, e - s) for s, e in bounds], groups=groups)
     generator = torch.Generator().manual_seed(0)
     total = sum(lengths)
     query = torch.randn(1, 9, total, 16, generator=generator)

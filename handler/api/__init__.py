@@ -1,1 +1,3 @@
-"""Wire formats: TGI, OpenAI and SageMaker requests in, responses and streams out."""
+"""Wire formats: TGI, OpenAI and SageMaker requests in, responses and streams out; request
+bodies read (`body`) and submitted requests followed to their end (`submission`) the same way
+for every entry point. Nothing here imports Flask (tests/test_layers.py)."""

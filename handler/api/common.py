@@ -21,12 +21,12 @@ import pydantic
 from handler.config import Settings
 from handler.errors import ClientError, ValidationError
 from handler.generation.request import GenerationRequest
-from handler.model.base import ModelShape
 from handler.model.params import SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from handler.engine import Engine
     from handler.generation.grammar import Constraint
 
 logger = logging.getLogger("handler.api")
@@ -113,18 +113,14 @@ class ApiContext:
     """`MESSAGES_API_ENABLED`: `/invocations` takes chat completion bodies only, as TGI's."""
 
     @classmethod
-    def of(
-        cls,
-        settings: Settings,
-        tokenizer: PreTrainedTokenizerBase,
-        model_id: str,
-        shape: ModelShape,
-    ) -> ApiContext:
-        """The context of a loaded model: `settings` with its compiled shapes applied."""
+    def of(cls, engine: Engine) -> ApiContext:
+        """The context of a loaded engine: its settings (with the compiled shapes of an exported
+        model applied) and what its backend can do."""
+        settings, shape = engine.settings, engine.backend.shape
         return cls(
             settings=settings,
-            tokenizer=tokenizer,
-            model_id=model_id,
+            tokenizer=engine.tokenizer,
+            model_id=engine.model_id,
             vocab_size=shape.vocab_size,
             on_device_sampling=shape.on_device_sampling,
             prompt_logprobs=shape.prompt_logprobs and not shape.on_device_sampling,

@@ -515,7 +515,7 @@ def _choices(
         )
     stops = stop_sequences(ctx, body.stop)
     stop_ids = _stop_token_ids(ctx, body)
-    requests = []
+    requests: list[GenerationRequest] = []
     for prompt_ids in prompts:
         for j in range(n):
             seeded = params if params.seed is None or j == 0 else _reseed(params, params.seed + j)
@@ -626,6 +626,7 @@ def render_chat(ctx: ApiContext, body: ChatCompletionRequest) -> str:
         )
     except Exception as exc:  # jinja2 errors, including the template's own raise_exception
         raise TemplateError(f"Could not apply the chat template: {exc}") from None
+    assert isinstance(text, str)  # tokenize=False: the rendered text, never token ids
     _check_rendered(text, messages)
     return text
 
@@ -653,10 +654,9 @@ def validate_chat(ctx: ApiContext, body: ChatCompletionRequest) -> Call:
     if body.logprobs and ctx.on_device_sampling:
         raise on_device_sampling_error("logprobs")
     params = _sampling(ctx, body, top_n=body.top_logprobs or 0, top_n_name="top_logprobs")
+    max_new, name = body.max_tokens, "max_tokens"
     if body.max_completion_tokens is not None:
         max_new, name = body.max_completion_tokens, "max_completion_tokens"
-    else:
-        max_new, name = body.max_tokens, "max_tokens"
     constraint = _constraint(ctx, body)
     tool_plan = tools.plan(ctx, body)
     if tool_plan is not None:

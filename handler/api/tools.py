@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -103,8 +104,9 @@ class ToolPlan:
     constraint: Constraint
 
 
-def template_tools(body: Any) -> list[dict[str, Any]] | None:
-    """The tools as the chat template gets them (legacy `functions` as tools)."""
+def template_tools(body: Any) -> list[dict[str, Any] | Callable[..., Any]] | None:
+    """The tools as the chat template gets them (legacy `functions` as tools), typed as
+    `apply_chat_template` takes them (JSON schemas, or functions it describes itself)."""
     if body.functions:
         return [{"type": "function", "function": f} for f in body.functions]
     return body.tools or None
@@ -286,8 +288,9 @@ def _call(text: str, start: int) -> tuple[ParsedCall | None, int]:
     name = json.loads(f'"{head.group(1)}"')
     end = _value_end(text, head.end())
     arguments = text[head.end() : end] if end is not None else text[head.end() :]
-    done = end is not None and text.startswith("}", end)
-    return ParsedCall(name, arguments, done), (end + 1 if done else len(text))
+    if end is not None and text.startswith("}", end):
+        return ParsedCall(name, arguments, True), end + 1
+    return ParsedCall(name, arguments, False), len(text)
 
 
 def _held(text: str, marker: str) -> int:

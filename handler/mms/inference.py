@@ -16,7 +16,6 @@ through `ServingTransformer`, which also answers errors with the server's JSON e
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -30,12 +29,13 @@ from sagemaker_inference.default_inference_handler import DefaultInferenceHandle
 from sagemaker_inference.errors import BaseInferenceToolkitError
 
 from handler.api import tgi
+from handler.api.body import decode_json, media_type
 from handler.api.common import ApiContext, dumps, parse
+from handler.api.submission import RequestMetrics, Submission
 from handler.config import Settings, read_settings
 from handler.engine import Engine, load_engine
 from handler.errors import ServingError, ValidationError
 from handler.generation.request import FinalEvent, TokenEvent
-from handler.server.app import JSON_TYPES, Submission
 from handler.server.metrics import Metrics
 from handler.server.state import ServerState
 
@@ -96,10 +96,7 @@ class LoadedModel:
     def context(self) -> ApiContext:
         """What validation needs of the loaded engine."""
         if self._context is None:
-            engine = self.engine
-            self._context = ApiContext.of(
-                engine.settings, engine.tokenizer, engine.model_id, engine.backend.shape
-            )
+            self._context = ApiContext.of(self.engine)
         return self._context
 
     def ready_engine(self) -> Engine:
@@ -176,28 +173,18 @@ def model_fn(model_dir: str) -> LoadedModel:
 def input_fn(
     input_data: str | bytes | bytearray | None, content_type: str | None
 ) -> tgi.GenerateRequest:
-    """Decode a TGI generate body. As in the HTTP server, a body that is JSON is read whatever
-    its content type; one that is not is a 415 under a non-JSON content type, else a 400."""
-    media_type = (content_type or "").split(";")[0].strip().lower()
+    """Decode a TGI generate body as the HTTP server decodes one (`decode_json`): a body that
+    is JSON is read whatever its content type; one that is not is a 415 under a non-JSON
+    content type, else a 400."""
     if input_data is None:  # MMS decodes form bodies (curl's default type) into fields
         raise RequestError(
             415,
             "unsupported_media_type",
-            f"Content-Type {media_type or 'none'} is not supported by Multi Model Server, which "
-            "reads such bodies as form fields: send application/json",
+            f"Content-Type {media_type(content_type) or 'none'} is not supported by Multi Model "
+            "Server, which reads such bodies as form fields: send application/json",
         )
-    try:
-        data = json.loads(input_data)
-    except ValueError:  # UnicodeDecodeError included
-        if media_type and media_type not in JSON_TYPES:
-            raise RequestError(
-                415,
-                "unsupported_media_type",
-                f"Content-Type {media_type} is not supported: send application/json",
-            ) from None
-        raise RequestError(400, "bad_request", "The body is not valid JSON") from None
     with _toolkit_errors():
-        return _generate_request(data)
+        return _generate_request(decode_json(input_data, content_type))
 
 
 def _generate_request(data: Any) -> tgi.GenerateRequest:
@@ -217,11 +204,10 @@ def _generate_request(data: Any) -> tgi.GenerateRequest:
 
 def predict_fn(data: tgi.GenerateRequest, model: LoadedModel) -> Prediction:
     """Validate against the model's limits (TGI's rules), generate and wait for the end."""
-    with _toolkit_errors():
+    with _toolkit_errors(), RequestMetrics(model.metrics) as counted:
         engine = model.ready_engine()
         call = tgi.validate(model.context, data, streaming=False, full_text=True)
-        handle = engine.generator.submit(call.request)
-        submission = Submission(handle, ROUTE, handle.submitted_at, model.metrics)
+        submission = Submission(engine.generator.submit(call.request), ROUTE, counted)
         tokens, final = submission.result()
     return Prediction(call, tokens, final)
 

@@ -33,12 +33,16 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -86,49 +90,72 @@ def _rotate_half(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([-b, a], -1)
 
 
+def _frozen(*parts: torch.Tensor) -> torch.nn.Parameter:
+    """`parts` (concatenated when several: one product instead of each) as a frozen parameter."""
+    t = parts[0] if len(parts) == 1 else torch.cat([p.detach() for p in parts])
+    return torch.nn.Parameter(t.detach(), requires_grad=False)
+
+
+def _frozen_bias(*parts: torch.Tensor | None) -> torch.nn.Parameter | None:
+    """`_frozen(*parts)` of biases, or None where any of them is None."""
+    present = [p for p in parts if p is not None]
+    return _frozen(*present) if len(present) == len(parts) else None
+
+
+class _LeanLayer(torch.nn.Module):
+    """One decoder layer's weights, q/k/v and gate/up concatenated; biases are None where the
+    model has none."""
+
+    qkv: torch.nn.Parameter
+    qkv_bias: torch.nn.Parameter | None
+    o: torch.nn.Parameter
+    o_bias: torch.nn.Parameter | None
+    gate_up: torch.nn.Parameter
+    gate_up_bias: torch.nn.Parameter | None
+    down: torch.nn.Parameter
+    down_bias: torch.nn.Parameter | None
+    norm1: torch.nn.Parameter
+    norm2: torch.nn.Parameter
+
+
 class LeanDecode(torch.nn.Module):
     """One decode step of a Llama-family decoder over a slot KV cache, as one traceable graph.
 
     The weights are the model's own, with q/k/v and gate/up concatenated (one product each).
     """
 
-    def __init__(self, model: torch.nn.Module, sequence_length: int) -> None:
+    cos: torch.Tensor
+    """`[sequence_length, head_dim]` fp32 rotary tables (buffers)."""
+    sin: torch.Tensor
+
+    def __init__(self, model: PreTrainedModel, sequence_length: int) -> None:
         """`sequence_length`: positions per cache row (the rotary tables' length)."""
         super().__init__()
         config = model.config
         decoder = model.model
-        self.heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.eps = config.rms_norm_eps
-        self.intermediate = config.intermediate_size
+        self.heads: int = config.num_attention_heads
+        self.kv_heads: int = config.num_key_value_heads
+        self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps: float = config.rms_norm_eps
+        self.intermediate: int = config.intermediate_size
         self.scaling = self.head_dim**-0.5
-
-        def frozen(t: torch.Tensor | None) -> torch.nn.Parameter | None:
-            return None if t is None else torch.nn.Parameter(t.detach(), requires_grad=False)
-
-        def cat(*parts: torch.Tensor | None) -> torch.nn.Parameter | None:
-            if any(p is None for p in parts):
-                return None
-            return frozen(torch.cat([p.detach() for p in parts]))  # type: ignore[union-attr]
-
-        self.embed = frozen(decoder.embed_tokens.weight)
-        self.norm = frozen(decoder.norm.weight)
-        self.head = frozen(model.get_output_embeddings().weight)
+        self.embed = _frozen(decoder.embed_tokens.weight)
+        self.norm = _frozen(decoder.norm.weight)
+        self.head = _frozen(model.get_output_embeddings().weight)
         self.layers = torch.nn.ModuleList()
         for layer in decoder.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            lean = torch.nn.Module()
-            lean.qkv = cat(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
-            lean.qkv_bias = cat(attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)
-            lean.o = frozen(attn.o_proj.weight)
-            lean.o_bias = frozen(attn.o_proj.bias)
-            lean.gate_up = cat(mlp.gate_proj.weight, mlp.up_proj.weight)
-            lean.gate_up_bias = cat(mlp.gate_proj.bias, mlp.up_proj.bias)
-            lean.down = frozen(mlp.down_proj.weight)
-            lean.down_bias = frozen(mlp.down_proj.bias)
-            lean.norm1 = frozen(layer.input_layernorm.weight)
-            lean.norm2 = frozen(layer.post_attention_layernorm.weight)
+            lean = _LeanLayer()
+            lean.qkv = _frozen(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+            lean.qkv_bias = _frozen_bias(attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)
+            lean.o = _frozen(attn.o_proj.weight)
+            lean.o_bias = _frozen_bias(attn.o_proj.bias)
+            lean.gate_up = _frozen(mlp.gate_proj.weight, mlp.up_proj.weight)
+            lean.gate_up_bias = _frozen_bias(mlp.gate_proj.bias, mlp.up_proj.bias)
+            lean.down = _frozen(mlp.down_proj.weight)
+            lean.down_bias = _frozen_bias(mlp.down_proj.bias)
+            lean.norm1 = _frozen(layer.input_layernorm.weight)
+            lean.norm2 = _frozen(layer.post_attention_layernorm.weight)
             self.layers.append(lean)
         # The model's own rotary embedding (any rope scaling), for every position, in fp32.
         positions = torch.arange(sequence_length)
@@ -153,7 +180,7 @@ class LeanDecode(torch.nn.Module):
         sin = self.sin[positions][:, None, :].to(x.dtype)
         bias = mask[:, None, None, :]  # [b, 1, 1, L]
         new: list[torch.Tensor] = []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(cast("Iterable[_LeanLayer]", self.layers)):
             h = _rms_norm(x, layer.norm1, self.eps)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)
             q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
@@ -259,7 +286,10 @@ def build_package(spec: PackageSpec, out: Path) -> None:
     from handler.model.torch_backend import TORCH_DTYPES
 
     dtype = TORCH_DTYPES[spec.dtype]
-    model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype).to(spec.device)
+    # The ignore: `transformers` wraps `to` with `functools.wraps`, whose type hides the bound
+    # `self` from mypy (it reads the device as `self`).
+    model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
+    model = model.to(spec.device)  # type: ignore[arg-type]
     reason = uncovered(model.config)
     if reason:
         raise ValueError(reason)

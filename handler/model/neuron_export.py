@@ -29,13 +29,8 @@ from handler.config import (
     positive_int_argument,
 )
 from handler.errors import ConfigError
-from handler.model.neuron_loader import (
-    ALIGN_TARGET,
-    EXPORT,
-    GET_NEURON_CONFIG,
-    load_optimum,
-    text_config,
-)
+from handler.model.neuron_contract import ALIGN_TARGET, EXPORT, GET_NEURON_CONFIG, load_optimum
+from handler.model.neuron_loader import text_config
 
 logger = logging.getLogger("handler.model.neuron_export")
 
@@ -186,7 +181,12 @@ def save_tokenizer_files(model_id: str, output: Path, *, revision: str | None = 
             "No tokenizer saved for %s (%s): serving needs one in %s", model_id, exc, output
         )
     try:
-        GenerationConfig.from_pretrained(model_id, revision=revision).save_pretrained(output)
+        # The ignore: `transformers` annotates `revision: str` here, but hands None on to the
+        # hub, which reads it as the default branch.
+        GenerationConfig.from_pretrained(
+            model_id,
+            revision=revision,  # type: ignore[arg-type]
+        ).save_pretrained(output)
     except OSError:
         logger.info("%s has no generation config", model_id)
 

@@ -34,6 +34,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from handler.config import Settings
 from handler.errors import ConfigError
+from handler.model.neuron_contract import AVAILABLE_CORES, load_optimum
 
 logger = logging.getLogger(__name__)
 
@@ -475,8 +476,8 @@ def _neuron_found(probe: Callable[[], list[str]]) -> str | None:
 def _optimum_neuron_cores() -> int:
     """Neuron cores optimum-neuron can see; 0 when it is not installed or cannot tell."""
     try:
-        from optimum.neuron.utils.system import get_available_cores
-    except ImportError:
+        get_available_cores = load_optimum(AVAILABLE_CORES)
+    except ConfigError:
         return 0
     try:
         return int(get_available_cores())

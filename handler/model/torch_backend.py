@@ -20,10 +20,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
@@ -58,33 +58,57 @@ class _PromptGroup:
     """Additive `[1, 1, L, L]` causal sliding-window mask; None: plain causal."""
 
 
-@dataclass
-class _Step:
-    """How the current forward call maps onto cache rows and positions.
+@dataclass(frozen=True)
+class _PrefillStep:
+    """Prompts packed end to end in one sequence."""
 
-    Three kinds: a prefill (`segments` only: prompts packed in one sequence), a decode (`rows`
-    only: a batch of one query per row) and a mixed step (both: one sequence holding the decode
-    queries of `rows` first, then the packed prompts).
-    """
-
-    segments: list[tuple[int, int, int]] = field(default_factory=list)
+    segments: list[tuple[int, int, int]]
     """`(row, start, length)` of each prompt packed in the sequence."""
-    rows: slice | None = None
-    """The contiguous slice of rows the decode queries cover."""
-    write_rows: torch.Tensor | None = None
-    """Decode: `[n]` row indices to write, `write_pos`: `[n]` their positions."""
-    write_pos: torch.Tensor | None = None
-    kv_len: int = 0
-    """Decode: number of cached positions the attention covers."""
-    decode_mask: torch.Tensor | None = None
-    """Mixed: additive `[n, 1, 1, kv_len]` mask of the decode queries over their rows."""
-    groups: list[_PromptGroup] = field(default_factory=list)
+    groups: list[_PromptGroup]
     """How the attention splits the packed prompts (see `_group_lengths`)."""
-    cache: SlotKVCache | None = None
 
-    @property
-    def mixed(self) -> bool:
-        return self.rows is not None and bool(self.segments)
+
+@dataclass(frozen=True)
+class _DecodeStep:
+    """A batch of one query per row over a contiguous slice of rows."""
+
+    rows: slice
+    """The contiguous slice of rows the queries cover."""
+    write_rows: torch.Tensor
+    """`[n]` row indices to write, `write_pos`: `[n]` their positions."""
+    write_pos: torch.Tensor
+    kv_len: int
+    """Number of cached positions the attention covers."""
+    mask: torch.Tensor | None
+    """Additive `[n, 1, 1, kv_len]` mask of the queries over their rows; None: the rows are
+    uniform (dense, same position) and `transformers` builds the causal mask itself."""
+
+    def store(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        new_keys: torch.Tensor,
+        new_values: torch.Tensor,
+    ) -> None:
+        """Write the queries' states `[n, kv_heads, head_dim]` into a layer's cache at each
+        row's position."""
+        keys[self.write_rows, :, self.write_pos] = new_keys.to(keys.dtype)
+        values[self.write_rows, :, self.write_pos] = new_values.to(values.dtype)
+
+
+@dataclass(frozen=True)
+class _MixedStep:
+    """One sequence holding the decode queries of `decode.rows` first, then the packed prompts
+    of `prefill`."""
+
+    decode: _DecodeStep
+    prefill: _PrefillStep
+    cache: SlotKVCache
+    """The cache whose rows the decode queries attend to."""
+
+
+_Step = _PrefillStep | _DecodeStep | _MixedStep
+"""How the current forward call maps onto cache rows and positions."""
 
 
 _active = threading.local()
@@ -183,7 +207,7 @@ def slot_sdpa_forward(
 
     Elsewhere this is `sdpa` unchanged.
     """
-    step = getattr(_active, "step", None)
+    step: _PrefillStep | _MixedStep | None = getattr(_active, "step", None)
     if step is not None:
         return _packed_attention(module, query, key, value, step, scaling), None
     if query.device.type != "cpu":
@@ -232,7 +256,7 @@ def _packed_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    step: _Step,
+    step: _PrefillStep | _MixedStep,
     scaling: float | None,
 ) -> torch.Tensor:
     """Attention of a packed prefill or mixed step: query/key/value `[1, heads, n + T, head_dim]`
@@ -242,27 +266,29 @@ def _packed_attention(
     grouped = getattr(module, "num_key_value_groups", 1) > 1
     heads, total, head_dim = query.shape[1:]
     out = query.new_empty(total, heads, head_dim)
-    n = 0
-    if step.rows is not None:
-        n = step.rows.stop - step.rows.start
-        keys = step.cache.keys[module.layer_idx][step.rows, :, : step.kv_len]
-        values = step.cache.values[module.layer_idx][step.rows, :, : step.kv_len]
+    if isinstance(step, _MixedStep):
+        decode, prefill = step.decode, step.prefill
+        n = decode.rows.stop - decode.rows.start
+        # `transformers`' attention modules hold their layer's index.
+        keys, values = step.cache.stored(cast(int, module.layer_idx))
         decoded = _attend(
             query[0, :, :n].transpose(0, 1)[:, :, None],
-            keys,
-            values,
-            step.decode_mask,
+            keys[decode.rows, :, : decode.kv_len],
+            values[decode.rows, :, : decode.kv_len],
+            decode.mask,
             scaling,
             grouped,
         )  # [n, heads, 1, head_dim]
         out[:n] = decoded[:, :, 0]
+    else:
+        prefill, n = step, 0
     query, key, value = (t[0, :, n:] for t in (query, key, value))  # [heads, T, head_dim]
-    for group in step.groups:
+    for group in prefill.groups:
+        group_query, group_key, group_value = (
+            t[:, group.index].transpose(0, 1) for t in (query, key, value)
+        )
         attended = _attend(
-            *(t[:, group.index].transpose(0, 1) for t in (query, key, value)),
-            group.mask,
-            scaling,
-            grouped,
+            group_query, group_key, group_value, group.mask, scaling, grouped
         )  # [g, heads, L, head_dim]
         out[n:][group.dest] = attended.transpose(1, 2)[group.valid]
     return out[None]
@@ -308,32 +334,39 @@ class SlotKVCache(Cache):
         """Store `[n, kv_heads, q, head_dim]` states; return what this layer's attention reads."""
         if self.keys[layer_idx] is None:
             self._allocate(layer_idx, key_states)
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys, values = self.stored(layer_idx)
         step = self.step
+        assert step is not None, "the cache is written only inside a `TorchBackend` step"
+        if isinstance(step, _DecodeStep):
+            step.store(keys, values, key_states[:, :, 0], value_states[:, :, 0])
+            return keys[step.rows, :, : step.kv_len], values[step.rows, :, : step.kv_len]
+        prefill = step.prefill if isinstance(step, _MixedStep) else step
         # Packed prompts attend only to themselves: their states are stored, never read back.
-        for row, start, length in step.segments:
+        for row, start, length in prefill.segments:
             keys[row, :, :length] = key_states[0, :, start : start + length]
             values[row, :, :length] = value_states[0, :, start : start + length]
-        if step.rows is None:
-            return key_states, value_states
-        if step.segments:  # mixed: the decode queries are the sequence's first positions
-            n = step.rows.stop - step.rows.start
+        if isinstance(step, _MixedStep):
+            # The decode queries are the sequence's first positions; the mixed attention reads
+            # their rows itself.
+            n = step.decode.rows.stop - step.decode.rows.start
             new_keys, new_values = (s[0, :, :n].transpose(0, 1) for s in (key_states, value_states))
-        else:
-            new_keys, new_values = key_states[:, :, 0], value_states[:, :, 0]
-        keys[step.write_rows, :, step.write_pos] = new_keys.to(keys.dtype)
-        values[step.write_rows, :, step.write_pos] = new_values.to(values.dtype)
-        if step.segments:  # the mixed attention reads the rows itself
-            return key_states, value_states
-        return keys[step.rows, :, : step.kv_len], values[step.rows, :, : step.kv_len]
+            step.decode.store(keys, values, new_keys, new_values)
+        return key_states, value_states
+
+    def stored(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values `[batch_size, kv_heads, sequence_length, head_dim]`
+        (allocated by its first `update`, which runs before its attention)."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        assert keys is not None and values is not None, f"layer {layer_idx} has stored nothing"
+        return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        decoding = self.step is not None and self.step.rows is not None and not self.step.mixed
-        return self.step.kv_len - 1 if decoding else 0
+        return self.step.kv_len - 1 if isinstance(self.step, _DecodeStep) else 0
 
     def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int) -> tuple[int, int]:
-        decoding = self.step is not None and self.step.rows is not None and not self.step.mixed
-        return (self.step.kv_len, 0) if decoding else (cache_position.shape[0], 0)
+        if isinstance(self.step, _DecodeStep):
+            return self.step.kv_len, 0
+        return cache_position.shape[0], 0
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.sequence_length
@@ -442,12 +475,14 @@ class TorchBackend:
         trust_remote_code: bool = False,
     ) -> TorchBackend:
         """Load weights from a local model directory."""
+        # The ignore: `transformers` wraps `to` with `functools.wraps`, whose type hides the
+        # bound `self` from mypy (it reads the device as `self`).
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=TORCH_DTYPES[dtype],
             attn_implementation="sdpa",
             trust_remote_code=trust_remote_code,
-        ).to(device)
+        ).to(device)  # type: ignore[arg-type]
         return cls(model, batch_size, sequence_length)
 
     def _forward(
@@ -523,7 +558,7 @@ class TorchBackend:
 
     def _prompt_layout(
         self, input_ids: list[list[int]], seq_ids: list[int], offset: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor, _Step]:
+    ) -> tuple[torch.Tensor, torch.Tensor, _PrefillStep]:
         """Packed prompts: tokens `[T]`, positions `[T]`, and the step writing their segments
         (starting at `offset` in the sequence) with their attention groups."""
         lengths = [len(ids) for ids in input_ids]
@@ -537,7 +572,7 @@ class TorchBackend:
             _prompt_group([bounds[i] for i in group], self.sliding_window, self.dtype, self.device)
             for group in _group_lengths(lengths)
         ]
-        return tokens, positions, _Step(segments=segments, groups=groups)
+        return tokens, positions, _PrefillStep(segments=segments, groups=groups)
 
     def _prefill_pack(self, input_ids: list[list[int]], seq_ids: list[int]) -> torch.Tensor:
         """Run prompts packed into one sequence; return hidden states `[total_tokens, hidden]`."""
@@ -556,13 +591,13 @@ class TorchBackend:
         position_ids: torch.Tensor,
         seq_ids: list[int],
         masked: bool = False,
-    ) -> tuple[_Step, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    ) -> tuple[_DecodeStep, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """The step over the contiguous row range `[lo, hi)` of `seq_ids`, so that the cache is
         read as a view, never gathered. Rows in the range that are not being decoded are
         padding: they write their last position (which any row writes itself before reading it)
         and attend to position 0 only; their outputs are dropped.
 
-        Returns the step (its `decode_mask` set when `masked`, or when the rows are not all at
+        Returns the step (its `mask` set when `masked`, or when the rows are not all at
         the same position), tokens `[n]`, query positions `[n]`, the index of each of `seq_ids`
         in the range `[m]` and whether the rows are uniform (dense, same position)."""
         lo, hi = min(seq_ids), max(seq_ids) + 1
@@ -580,15 +615,17 @@ class TorchBackend:
         tokens, write_pos, query_pos, valid = (
             t.to(self.device) for t in (tokens, write_pos, query_pos, valid)
         )
-        step = _Step(
+        mask = None
+        if masked or not uniform:
+            allowed = self._allowed(query_pos[:, None], kv_len, valid)
+            mask = _additive(allowed, self.kv_dtype)
+        step = _DecodeStep(
             rows=slice(lo, hi),
             write_rows=torch.arange(lo, hi, device=self.device),
             write_pos=write_pos,
             kv_len=kv_len,
+            mask=mask,
         )
-        if masked or not uniform:
-            allowed = self._allowed(query_pos[:, None], kv_len, valid)
-            step.decode_mask = _additive(allowed, self.kv_dtype)
         return step, tokens, query_pos, index.to(self.device), uniform
 
     @torch.inference_mode()
@@ -608,7 +645,7 @@ class TorchBackend:
                 step.write_pos[:1]
                 if uniform
                 else torch.tensor([step.kv_len - 1], device=self.device),
-                step.decode_mask,
+                step.mask,
             )
         finally:
             self.cache.step = None
@@ -654,14 +691,13 @@ class TorchBackend:
         if sum(len(ids) for ids in prompts) > PACK_TOKENS:
             output = self.prefill(prompts, prompt_seq_ids, want_prompt_logits)
             return self.decode(input_ids, position_ids, seq_ids), output
-        step, tokens, query_pos, index, _ = self._decode_layout(
+        decode, tokens, query_pos, index, _ = self._decode_layout(
             input_ids, position_ids, seq_ids, masked=True
         )
-        prompt_tokens, prompt_positions, prompt_step = self._prompt_layout(
+        prompt_tokens, prompt_positions, prefill = self._prompt_layout(
             prompts, prompt_seq_ids, offset=len(tokens)
         )
-        step.segments, step.groups = prompt_step.segments, prompt_step.groups
-        step.cache = self.cache
+        step = _MixedStep(decode=decode, prefill=prefill, cache=self.cache)
         sequence = torch.cat([tokens, prompt_tokens])[None]
         positions = torch.cat([query_pos, prompt_positions])[None]
         self.cache.step = _active.step = step
@@ -672,11 +708,11 @@ class TorchBackend:
                 sequence,
                 positions,
                 torch.arange(sequence.shape[1], device=self.device),
-                step.decode_mask,
+                decode.mask,
             )[0]
         finally:
             self.cache.step = _active.step = None
-        bounds = [(start, start + length) for _, start, length in step.segments]
+        bounds = [(start, start + length) for _, start, length in prefill.segments]
         last, prompt_logits = self._prompt_outputs(hidden, bounds, want_prompt_logits)
         logits = self._logits(torch.cat([hidden[index], last])).cpu()
         return logits[: len(seq_ids)], PrefillOutput(logits[len(seq_ids) :], prompt_logits)

@@ -1,17 +1,16 @@
 """Flask routes: parse, submit, format. One error handler turns every error into TGI's body.
 
-Routes know nothing of the backend. A generation route validates its body with the wire
-schema of its API (`handler.api`), submits engine requests, and formats the events. Everything
-between a submitted request and its events (client disconnects, metrics, the request log line)
-lives in `Submission`.
+Routes know nothing of the backend. A generation route decodes its body (`handler.api.body`),
+validates it with the wire schema of its API (`handler.api`), submits engine requests, and
+formats the events. Everything between a submitted request and its events (client
+disconnects, metrics, the request log line) lives in `handler.api.submission`; what is Flask's
+or gunicorn's (the client's socket, the error bodies) lives here.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
-import re
 import select
 import socket
 import time
@@ -23,31 +22,17 @@ from werkzeug.exceptions import HTTPException
 
 from handler import __version__
 from handler.api import openai, openapi, tgi
+from handler.api.body import decode_json
 from handler.api.common import SSE_KEEPALIVE, ApiContext, dumps, parse, stream_error
-from handler.errors import (
-    ClientError,
-    ServerError,
-    ServingError,
-    UnavailableError,
-    ValidationError,
-)
-from handler.generation.request import (
-    ErrorEvent,
-    Event,
-    FinalEvent,
-    GenerationRequest,
-    RequestHandle,
-    TokenEvent,
-    collect,
-)
+from handler.api.submission import RequestMetrics, Submission
+from handler.errors import ClientError, ServerError, ServingError, ValidationError
+from handler.generation.request import FinalEvent, GenerationRequest
 from handler.server import docs
 from handler.server.metrics import CONTENT_TYPE, Metrics
 from handler.server.state import ServerState
 
 logger = logging.getLogger("handler.requests")
 
-POLL_SECONDS = 0.5
-"""How often a request waiting for its first token checks that its client is still there."""
 SEND_TIMEOUT_SECONDS = 30.0
 """A write to a client that blocks this long ends the request: a client that stopped reading
 its stream (or a large answer) has its request cancelled, its slot freed and its thread back,
@@ -56,15 +41,7 @@ STREAM_SEND_BUFFER_BYTES = 32 * 1024
 """The kernel send buffer of a stream's connection (Linux doubles it): what a client that
 stopped reading can leave queued before a write blocks and `SEND_TIMEOUT_SECONDS` starts.
 Token events arrive far slower than any buffer drains, so a reading client never fills it."""
-LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-"""A JSON escape of a UTF-16 surrogate; a lone one decodes to a string no tokenizer or encoder
-accepts (a valid pair decodes to one character)."""
-SURROGATE = re.compile("[\ud800-\udfff]")
-"""A surrogate code point in a decoded string: always unpaired (pairs decode to one character)."""
 HEALTH_ROUTES = frozenset({"/ping", "/health"})
-JSON_TYPES = ("application/json", "text/json", "application/x-www-form-urlencoded", "text/plain")
-"""Bodies with these content types (or none) are read as JSON: curl sends form-urlencoded and
-`boto3` users often leave the default."""
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -113,110 +90,6 @@ def bound_writes(environ: dict[str, Any], streaming: bool) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER_BYTES)
 
 
-class Submission:
-    """One submitted request as its route sees it: events until the end, the client's
-    disconnect cancelling it, and the metrics and log line when it ends."""
-
-    def __init__(
-        self,
-        handle: RequestHandle,
-        route: str,
-        received_at: float,
-        metrics: Metrics,
-        client_gone: Callable[[], bool] = lambda: False,
-    ) -> None:
-        self.handle = handle
-        self.route = route
-        self.received_at = received_at
-        self.metrics = metrics
-        self.client_gone = client_gone
-        self.ended = False
-        self._yielded_at: float | None = None
-
-    def events(self) -> Iterator[Event]:
-        """Events up to the final or error event. If the consumer stops early (the client went
-        away, or a write to it failed or timed out) the request is cancelled and its slot
-        freed."""
-        try:
-            while True:
-                event = self.handle.poll(POLL_SECONDS)
-                checkpoint = event is None or (isinstance(event, TokenEvent) and not event.last)
-                if checkpoint and self.client_gone():
-                    self._yielded_at = None  # gone, not stalled
-                    return
-                if event is None:
-                    continue
-                if isinstance(event, FinalEvent):
-                    self.ended = True
-                    self._finished(event)
-                elif isinstance(event, ErrorEvent):
-                    self.ended = True
-                    self._failed(event.error)
-                self._yielded_at = time.monotonic()
-                yield event
-                if self.ended:
-                    return
-        finally:
-            self.abandon()
-
-    def abandon(self, reason: str | None = None) -> None:
-        """Cancel the request unless it has ended (its client went away, stopped reading, or
-        the answer could not be formatted): frees its slot, counts and logs why."""
-        if self.ended:
-            return
-        self.ended = True
-        self.handle.cancel()
-        self.metrics.failed("cancelled")
-        if reason is None:
-            blocked = self._yielded_at is not None and (
-                time.monotonic() - self._yielded_at >= SEND_TIMEOUT_SECONDS
-            )
-            reason = (
-                f"the client stopped reading (a write blocked for {SEND_TIMEOUT_SECONDS:g} s)"
-                if blocked
-                else "the client disconnected"
-            )
-        logger.info(
-            "request %s route=%s cancelled: %s", self.handle.request.request_id, self.route, reason
-        )
-
-    def result(self) -> tuple[list[TokenEvent], FinalEvent]:
-        return collect(self.events(), UnavailableError("The request was cancelled"))
-
-    def _finished(self, final: FinalEvent) -> None:
-        total = time.monotonic() - self.received_at
-        self.metrics.succeeded(
-            total,
-            final.queue_time,
-            final.inference_time,
-            final.prompt_tokens,
-            final.generated_tokens,
-        )
-        logger.info(
-            "request %s route=%s prompt_tokens=%d generated_tokens=%d finish_reason=%s "
-            "queue_time=%.3fs inference_time=%.3fs",
-            self.handle.request.request_id,
-            self.route,
-            final.prompt_tokens,
-            final.generated_tokens,
-            final.finish_reason.value,
-            final.queue_time,
-            final.inference_time,
-        )
-
-    def _failed(self, error: ServingError) -> None:
-        self.metrics.failed(error.error_type)
-        error.counted = True  # type: ignore[attr-defined]
-        logger.warning(
-            "request %s route=%s failed (%d %s): %s",
-            self.handle.request.request_id,
-            self.route,
-            error.status,
-            error.error_type,
-            error.message,
-        )
-
-
 def create_app(state: ServerState, metrics: Metrics) -> Flask:
     """The WSGI application. `state` says whether the engine is ready; routes take it from
     there, so the app answers health checks while the model loads."""
@@ -228,42 +101,15 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
     # --- plumbing ----------------------------------------------------------------------------
 
     def context() -> ApiContext:
-        engine = state.require_engine()
-        # engine.settings: with the compiled shapes of an exported model
-        return ApiContext.of(
-            engine.settings, engine.tokenizer, engine.model_id, engine.backend.shape
-        )
+        return ApiContext.of(state.require_engine())
 
     def body() -> Any:
         """The request body decoded as JSON (413 beyond the payload limit)."""
-        raw = request.get_data(cache=True)
-        content_type = (request.mimetype or "").lower()
-        try:
-            data = json.loads(raw)
-        except RecursionError:
-            raise HttpError(
-                400,
-                "bad_request",
-                "The body is nested too deeply: this server decodes JSON up to about 1,000 levels",
-            ) from None
-        except (UnicodeDecodeError, ValueError):
-            if content_type and content_type not in JSON_TYPES:
-                raise HttpError(
-                    415,
-                    "unsupported_media_type",
-                    f"Content-Type {content_type} is not supported: send application/json",
-                ) from None
-            raise HttpError(400, "bad_request", "The body is not valid JSON") from None
-        if LONE_SURROGATE_ESCAPE.search(raw) and _holds_lone_surrogate(data):
-            raise HttpError(
-                400,
-                "bad_request",
-                "The body is not valid JSON text: a string holds an unpaired UTF-16 surrogate "
-                "escape (\\ud800-\\udfff); send valid Unicode",
-            )
-        return data
+        return decode_json(request.get_data(cache=True), request.mimetype)
 
-    def submit(route: str, requests: list[GenerationRequest], streaming: bool) -> list[Submission]:
+    def submit(
+        route: str, requests: list[GenerationRequest], streaming: bool, counted: RequestMetrics
+    ) -> list[Submission]:
         """Queue the requests (all or none: a refused one cancels those before it)."""
         engine = state.require_engine()
         bound_writes(request.environ, streaming)
@@ -272,7 +118,8 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
         try:
             for item in requests:
                 handle = engine.generator.submit(item)
-                submissions.append(Submission(handle, route, g.received_at, metrics, gone))
+                submission = Submission(handle, route, counted, gone, SEND_TIMEOUT_SECONDS)
+                submissions.append(submission)
         except ServingError:
             for submission in submissions:
                 submission.handle.cancel()
@@ -319,7 +166,9 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
 
         return Response(guarded(), mimetype="text/event-stream", headers=STREAM_HEADERS)
 
-    def json_response(payload: Any, status: int = 200, **extra: str) -> Response:
+    def json_response(
+        payload: Any, status: int = 200, extra: dict[str, str] | None = None
+    ) -> Response:
         return Response(dumps(payload), status=status, mimetype="application/json", headers=extra)
 
     # --- generation --------------------------------------------------------------------------
@@ -327,49 +176,46 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
     def generate(data: Any, route: str, streaming: bool, as_list: bool) -> Response:
         """`as_list`: TGI's compat routes (POST `/`, `/invocations`), which answer a list and
         return the full text by default."""
-        g.generation = True
-        metrics.received()
-        payload = parse(tgi.GenerateRequest, data)
-        call = tgi.validate(context(), payload, streaming, full_text=as_list)
-        submitted = time.monotonic()
-        (submission,) = submit(route, [call.request], streaming)
-        if streaming:
-            chunks = tgi.stream(call, submission.events())
-            return event_stream(chunks, openai_format=False, submissions=[submission])
-        tokens, final = submission.result()
-        answer = tgi.response(call, tokens, final)
-        return json_response(
-            [answer] if as_list else answer, **headers(final, payload.inputs, submitted)
-        )
+        with RequestMetrics(metrics, g.received_at) as counted:
+            payload = parse(tgi.GenerateRequest, data)
+            call = tgi.validate(context(), payload, streaming, full_text=as_list)
+            submitted = time.monotonic()
+            (submission,) = submit(route, [call.request], streaming, counted)
+            if streaming:
+                chunks = tgi.stream(call, submission.events())
+                return event_stream(chunks, openai_format=False, submissions=[submission])
+            tokens, final = submission.result()
+            answer = tgi.response(call, tokens, final)
+            extra = headers(final, payload.inputs, submitted)
+            return json_response([answer] if as_list else answer, extra=extra)
 
     def openai_call(data: Any, route: str, chat: bool) -> Response:
-        g.generation = True
-        metrics.received()
-        ctx = context()
-        if chat:
-            payload: Any = parse(openai.ChatCompletionRequest, data)
-            call = openai.validate_chat(ctx, payload)
-        else:
-            payload = parse(openai.CompletionRequest, data)
-            call = openai.validate_completion(ctx, payload)
-        submitted = time.monotonic()
-        submissions = submit(route, call.requests, payload.stream)
-        fingerprint = f"{__version__}-{state.engine.device if state.engine else ''}"
-        if payload.stream:
-            chunks = openai.stream(call, [s.events() for s in submissions], fingerprint)
-            return event_stream(chunks, openai_format=True, submissions=submissions)
-        try:
-            results = [s.result() for s in submissions]
-        except ServingError:
-            for submission in submissions:
-                submission.abandon("another prompt of the request failed")
-            raise
-        finals = [final for _, final in results]
-        prompt = "" if chat else str(payload.prompt)
-        extra = headers(finals[0], prompt, submitted)
-        extra["x-prompt-tokens"] = str(sum(f.prompt_tokens for f in finals))
-        extra["x-generated-tokens"] = str(sum(f.generated_tokens for f in finals))
-        return json_response(openai.response(call, results, fingerprint), **extra)
+        with RequestMetrics(metrics, g.received_at) as counted:
+            ctx = context()
+            if chat:
+                payload: Any = parse(openai.ChatCompletionRequest, data)
+                call = openai.validate_chat(ctx, payload)
+            else:
+                payload = parse(openai.CompletionRequest, data)
+                call = openai.validate_completion(ctx, payload)
+            submitted = time.monotonic()
+            submissions = submit(route, call.requests, payload.stream, counted)
+            fingerprint = f"{__version__}-{state.engine.device if state.engine else ''}"
+            if payload.stream:
+                chunks = openai.stream(call, [s.events() for s in submissions], fingerprint)
+                return event_stream(chunks, openai_format=True, submissions=submissions)
+            try:
+                results = [s.result() for s in submissions]
+            except ServingError:
+                for submission in submissions:
+                    submission.abandon("another prompt of the request failed")
+                raise
+            finals = [final for _, final in results]
+            prompt = "" if chat else str(payload.prompt)
+            extra = headers(finals[0], prompt, submitted)
+            extra["x-prompt-tokens"] = str(sum(f.prompt_tokens for f in finals))
+            extra["x-generated-tokens"] = str(sum(f.generated_tokens for f in finals))
+            return json_response(openai.response(call, results, fingerprint), extra=extra)
 
     @app.post("/generate")
     def generate_route() -> Response:
@@ -464,7 +310,7 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
         shape = engine.backend.shape if engine else None
         info = tgi.Info(
             model_id=engine.model_id if engine else settings.model_id,
-            model_sha=None,
+            model_sha=engine.model_sha if engine else None,
             model_pipeline_tag="text-generation",
             max_concurrent_requests=settings.max_concurrent_requests,
             max_best_of=settings.max_best_of,
@@ -518,7 +364,6 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
     @app.before_request
     def before() -> None:
         g.received_at = time.monotonic()
-        g.generation = False
         public = (
             request.path in HEALTH_ROUTES or request.path in docs.PUBLIC_PATHS or _is_root_get()
         )
@@ -532,8 +377,8 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
 
     @app.errorhandler(ServingError)
     def serving_error(error: ServingError) -> Response:
-        if g.get("generation") and not getattr(error, "counted", False):
-            metrics.failed(error.error_type)
+        """Every error's answer; generation requests count their failures themselves
+        (`RequestMetrics`)."""
         if error.status >= 500:
             logger.warning("%s %s -> %d: %s", request.method, request.path, error.status, error)
         return json_response(
@@ -558,8 +403,6 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:
         logger.error("%s %s failed", request.method, request.path, exc_info=error)
-        if g.get("generation"):
-            metrics.failed("server_error")
         return json_response(
             {"error": "Internal server error", "error_type": "server_error"}, status=500
         )
@@ -569,23 +412,6 @@ def create_app(state: ServerState, metrics: Metrics) -> Flask:
 
 def _is_root_get() -> bool:
     return request.path == "/" and request.method == "GET"
-
-
-def _holds_lone_surrogate(data: Any) -> bool:
-    """True when a string (or key) anywhere in decoded JSON holds a surrogate code point; walks
-    without recursion, since the body may be nested as deep as the JSON decoder allows."""
-    pending = [data]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            if SURROGATE.search(item):
-                return True
-        elif isinstance(item, dict):
-            pending.extend(item)
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return False
 
 
 def tokenize(ctx: ApiContext, text: str, add_special_tokens: bool) -> list[dict[str, Any]]:

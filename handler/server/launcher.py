@@ -95,6 +95,9 @@ class DrainingWorker(FrontThreadWorker):
     """A gthread worker (with the connection front) whose SIGTERM drains the generator before it
     stops listening, and whose heartbeat reads as current while the model loads."""
 
+    tmp: LoadingHeartbeat
+    """gunicorn's heartbeat file (`WorkerTmp`), wrapped once the base class has made it."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # in the master, before the fork
         self.tmp = LoadingHeartbeat(self.tmp)
@@ -204,7 +207,6 @@ class ServingApplication(BaseApplication):
                     settings,
                     state.report,
                     on_step=metrics.step,
-                    argv=self.argv,
                     environ=self.environ,
                 )
             metrics.track(

@@ -65,8 +65,12 @@ class Metrics:
         self.counts.declare("tgi_request_failure", "Generation requests failed, by error type")
         self.registry.register(self.counts)
 
-        def histogram(name: str, doc: str, buckets: tuple[float, ...], **kw: object) -> Histogram:
-            return Histogram(name, doc, buckets=buckets, registry=self.registry, **kw)
+        def histogram(
+            name: str, doc: str, buckets: tuple[float, ...], labelnames: tuple[str, ...] = ()
+        ) -> Histogram:
+            return Histogram(
+                name, doc, labelnames=labelnames, buckets=buckets, registry=self.registry
+            )
 
         self.duration = histogram(
             "tgi_request_duration", "End-to-end request seconds", DURATION_BUCKETS

@@ -170,16 +170,13 @@ class FakeNeuronModel:
         self.generator = torch.Generator().manual_seed(seed)
         self.calls: list[ForwardCall] = []
 
-    def __call__(self, *args: object, **kwargs: object) -> torch.Tensor:
-        return self.forward(*args, **kwargs)
-
     @torch.inference_mode()
     def forward(
         self,
-        input_ids: torch.LongTensor,
-        position_ids: torch.LongTensor,
-        seq_ids: torch.LongTensor | None = None,
-        sampling_params: torch.FloatTensor | None = None,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        seq_ids: torch.Tensor | None = None,
+        sampling_params: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -189,7 +186,9 @@ class FakeNeuronModel:
         int32 token ids with on-device sampling."""
         if output_attentions or output_hidden_states or return_dict:
             raise ValueError("output_attentions, output_hidden_states and return_dict are refused")
-        self._check_inputs(input_ids, position_ids, seq_ids, sampling_params)
+        seq_ids, sampling_params = self._check_inputs(
+            input_ids, position_ids, seq_ids, sampling_params
+        )
         width = input_ids.shape[1]
         prefill = width > 1 and int(position_ids.min()) == 0
         self.calls.append(
@@ -223,13 +222,18 @@ class FakeNeuronModel:
             logits = logits[:n]
         return logits[:, None, :]
 
+    __call__ = forward
+
     def _check_inputs(
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         seq_ids: torch.Tensor | None,
         sampling_params: torch.Tensor | None,
-    ) -> None:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raise `ForwardContractError` where the call breaks the contract; return `seq_ids` and
+        `sampling_params`, which it requires."""
+
         def require(condition: bool, message: str) -> None:
             if not condition:
                 raise ForwardContractError(message)
@@ -249,10 +253,8 @@ class FakeNeuronModel:
             f"and {position_ids.dtype}",
         )
         n = input_ids.shape[0]
-        require(
-            isinstance(seq_ids, torch.Tensor) and seq_ids.shape == (n,),
-            f"seq_ids must be a [{n}] tensor",
-        )
+        if not (isinstance(seq_ids, torch.Tensor) and seq_ids.shape == (n,)):
+            raise ForwardContractError(f"seq_ids must be a [{n}] tensor")
         require(seq_ids.dtype in INTEGER_DTYPES, f"seq_ids must be int32 or int64: {seq_ids.dtype}")
         ids = seq_ids.tolist()
         require(n <= config.max_batch_size, f"{n} rows exceed batch size {config.max_batch_size}")
@@ -262,14 +264,17 @@ class FakeNeuronModel:
         )
         if self.shuffle_check:
             require(ids == sorted(ids), f"rows must be sorted by seq_id: {ids}")
-        require(
+        if not (
             isinstance(sampling_params, torch.Tensor)
             and sampling_params.shape == (n, 3)
-            and sampling_params.is_floating_point(),
-            f"sampling_params must be a float [{n}, 3] tensor (it is an input of every graph)",
-        )
+            and sampling_params.is_floating_point()
+        ):
+            raise ForwardContractError(
+                f"sampling_params must be a float [{n}, 3] tensor (it is an input of every graph)"
+            )
         if config.on_device_sampling:
             _validate_sampling_params(sampling_params.float(), config.max_topk)
+        return seq_ids, sampling_params
 
     def _answered_index(self, positions: torch.Tensor) -> int:
         """The index of the largest of `positions` `[width]`, equal maxima broken per
@@ -284,6 +289,7 @@ class FakeNeuronModel:
         """Prefill; returns `[n, vocab]` logits at each row's answered index."""
         width = input_ids.shape[1]
         context = self.neuron_config.max_context_length
+        assert context is not None, "FakeNeuronConfig defaults it to sequence_length"
         if width > context:
             raise ForwardContractError(f"{width} tokens exceed max_context_length {context}")
         # The runtime pads to the compiled width, then answers from the largest position.

@@ -25,6 +25,7 @@ HADOLINT = $(shell $(PYTHON) -c 'import shutil, sysconfig; \
 lint: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
 	$(HADOLINT) $(wildcard container/Dockerfile.*)
 
 format: install
@@ -89,6 +90,11 @@ bench-engine: install test-model
 .PHONY: bench-structured
 bench-structured: install test-model
 	$(PYTHON) -m benchmarks.structured --out benchmarks/results/structured.json --readme README.md
+
+# The scheduler's host time per decode step, with a backend that returns logits at once.
+.PHONY: bench-overhead
+bench-overhead: install test-model
+	$(PYTHON) -m benchmarks.overhead --out benchmarks/results/overhead.json --readme README.md
 
 .PHONY: bench-compile
 bench-compile: install test-model

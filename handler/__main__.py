@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "serve":
         from handler.server.launcher import serve
 
-        return serve(settings, argv, dict(os.environ))
+        return serve(settings, dict(os.environ))
     sys.stderr.write(f"Unknown command {command!r}: use serve or generate\n")
     return 2
 

@@ -544,6 +544,8 @@ class Settings:
         with the compiled one (the sequence length may be shorter); the others take the
         compiled value, and what derives from them (`max_input_tokens`,
         `max_batch_prefill_tokens`) follows. Raises `ConfigError` naming both values and the fix.
+        Meant for settings from `read_settings`: a value set another way (`Settings(...)` in
+        code, `dataclasses.replace`) is not in `sources` and takes the compiled or default value.
         """
         given = {name: getattr(self, name) for name in self.sources}
         problems: list[str] = []

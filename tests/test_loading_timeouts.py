@@ -56,7 +56,7 @@ def slow_load(settings, report, **kwargs):
 
 engine.load_engine = slow_load
 settings = read_settings(["--hostname", "127.0.0.1", "--port", "{port}"], {{}})
-launcher.ServingApplication(settings, [], {{}}, worker_timeout={timeout}).run()
+launcher.ServingApplication(settings, {{}}, worker_timeout={timeout}).run()
 """
 
 

@@ -172,14 +172,23 @@ def test_a_failed_step_fails_only_its_requests() -> None:
 def test_a_request_cancelled_during_its_prefill_is_freed_before_the_next_decode() -> None:
     backend = ScriptedBackend()
     generator = scripted_generator(backend)
+    running = generator.submit(request(3, 10))
+    generator.step()
     handle = generator.submit(request(3, 10))
     backend.before["prefill"] = lambda call: handle.cancel()
     generator.step()  # its prefill ran; the decode of the same step still takes it
+    assert backend.calls[-1] == Call("decode", decode=[0, 1])
     step = generator.step()
-    assert step.release == (0,)
-    assert backend.calls[-1].method == "decode"
-    assert generator.active_slots == 0 and generator.in_flight == 0
-    assert generator.step().idle
+    assert step.release == (1,)
+    assert backend.calls[-1] == Call("decode", decode=[0])  # the freed row is left out
+    assert generator.active_slots == 1 and generator.in_flight == 1
+    assert not running.cancelled
+
+
+def test_cancelled_requests_leave_the_queue_even_while_admission_is_held_back() -> None:
+    policy = Policy(100, max_waiting_tokens=5, waiting_served_ratio=1.0)
+    step = plan(policy, slots(DECODE, DECODE, EMPTY), queue(1, 1, 1, cancelled=(0, 1)), 0)
+    assert step.admit == () and step.taken == 2
 
 
 def test_requests_beyond_the_in_flight_limit_are_refused_at_once() -> None:

@@ -163,3 +163,27 @@ def test_min_p_keeps_what_is_at_least_min_p_times_the_best() -> None:
     selector.assign(0, SamplingParams(do_sample=True, seed=5, min_p=0.3), [0])
     seen = {selector.select(probs.log(), [0]).ids[0] for _ in range(300)}
     assert seen == {0, 1, 2}  # 0.15 >= 0.3 * 0.4 > 0.1
+
+
+def test_blocked_reductions_agree_with_torch() -> None:
+    """`_argmax` (first index on ties), `_topk` (the same values) and `_logsumexp` over rows that
+    split into blocks give what torch's own reductions give."""
+    from handler.generation.sampling import _argmax, _block_max, _logsumexp, _topk
+
+    chooser = torch.Generator().manual_seed(0)
+    for vocab in (49_152, 128_256, 1_000):
+        scores = torch.randn(6, vocab, generator=chooser)
+        scores[1] = scores[1].round()  # many ties, the maximum among them
+        scores[2, 5] = scores[2, vocab - 7] = scores[2].max() + 1  # a tie for the maximum
+        scores[3] = float("-inf")
+        scores[3, vocab - 1] = 0.0
+        scores[4] = scores[4].to(torch.bfloat16).float()  # bf16 logits: ties everywhere
+        assert torch.equal(_argmax(scores), scores.argmax(dim=-1))
+        assert torch.equal(_argmax(scores, _block_max(scores)), scores.argmax(dim=-1))
+        for k in (1, 50, 256):
+            values, ids = _topk(scores, k)
+            assert torch.equal(values, scores.topk(k, dim=-1).values)
+            assert torch.equal(scores.gather(1, ids), values)
+            assert all(len(set(row)) == k for row in ids.tolist())
+        expected = torch.logsumexp(scores, dim=-1, keepdim=True)
+        torch.testing.assert_close(_logsumexp(scores, _block_max(scores)), expected)

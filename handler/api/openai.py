@@ -654,6 +654,7 @@ def validate_chat(ctx: ApiContext, body: ChatCompletionRequest) -> Call:
     if body.logprobs and ctx.on_device_sampling:
         raise on_device_sampling_error("logprobs")
     params = _sampling(ctx, body, top_n=body.top_logprobs or 0, top_n_name="top_logprobs")
+    params = dataclasses.replace(params, logprobs=body.logprobs)
     max_new, name = body.max_tokens, "max_tokens"
     if body.max_completion_tokens is not None:
         max_new, name = body.max_completion_tokens, "max_completion_tokens"
@@ -703,6 +704,7 @@ def validate_completion(ctx: ApiContext, body: CompletionRequest) -> Call:
     if echo_logprobs and ctx.on_device_sampling:
         raise on_device_sampling_error("logprobs")
     params = _sampling(ctx, body, top_n=body.logprobs or 0, top_n_name="logprobs")
+    params = dataclasses.replace(params, logprobs=body.logprobs is not None)
     truncate = _truncate(ctx, body)
     encoded = [encode(ctx, p, truncate, add_special_tokens=True) for p in prompts]
     requests = _choices(

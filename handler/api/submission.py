@@ -4,7 +4,8 @@ its log line, and how it counts in the metrics.
 Every entry point that generates (the HTTP routes, the SageMaker toolkit's `predict_fn`,
 `EndpointHandler`) goes through `RequestMetrics` and `Submission`, the only code that counts
 requests: each request is received once and ends as successes, failures or cancellations
-counted here, never by an error handler.
+counted here, never by an error handler. (Under MMS, a body that the toolkit's `input_fn`
+cannot decode is refused before `predict_fn`, and so is not counted.)
 """
 
 from __future__ import annotations

@@ -100,13 +100,20 @@ class Generator:
         self.failure: str | None = None
         self._token_text: dict[int, str] = {}
         self._on_step = on_step
-        self.policy = Policy(
-            self.max_batch_prefill_tokens,
-            max_waiting_tokens,
-            waiting_served_ratio,
-            shape.mixed_steps,
-        )
+        self.max_waiting_tokens = max_waiting_tokens
+        self.waiting_served_ratio = waiting_served_ratio
         self._steps_since_prefill = 0
+
+    @property
+    def policy(self) -> Policy:
+        """The planner's settings; whether steps may be mixed is the backend's current word
+        (a torch backend turns it off when its decode step is compiled)."""
+        return Policy(
+            self.max_batch_prefill_tokens,
+            self.max_waiting_tokens,
+            self.waiting_served_ratio,
+            self.backend.shape.mixed_steps,
+        )
 
     # --- caller side (any thread) ------------------------------------------------------------
 

@@ -16,7 +16,10 @@ Each iteration of the generator's loop asks `plan` what to do, then runs the pla
    the decode step.
 
 A running stream is therefore delayed by at most one prefill of `max_batch_prefill_tokens`
-tokens between two of its tokens.
+tokens between two of its tokens. Cancelled requests at the head of the queue leave it at every
+plan, held back or not, so that they do not count against `max_concurrent_requests`. A request
+that fails to start (its slot's assignment raises) fails alone; its slot stays free until the
+next plan.
 """
 
 from __future__ import annotations
@@ -94,9 +97,11 @@ def plan(
     free = [s.index for s in slots if s.state is SlotState.EMPTY or s.index in release]
     running = [s.index for s in slots if s.state is SlotState.DECODE and s.index not in release]
     taken, admit = 0, list[tuple[int, int]]()
+    while taken < len(waiting) and waiting[taken].cancelled:  # even while admission waits
+        taken += 1
     if free and not _hold_back(policy, len(free), len(running), waiting, steps_since_prefill):
         budget = policy.max_batch_prefill_tokens
-        for position, request in enumerate(waiting):
+        for position, request in enumerate(waiting[taken:], start=taken):
             if len(admit) == len(free):
                 break
             if request.cancelled:

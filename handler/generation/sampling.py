@@ -41,8 +41,9 @@ class Selection:
     """Chosen tokens for `n` rows."""
 
     ids: list[int]
-    logprobs: list[float]
-    """Log-probability of each chosen token under the model's distribution."""
+    logprobs: list[float | None]
+    """Log-probability of each chosen token under the model's distribution (None for a row
+    whose request asks for none)."""
     top: list[list[tuple[int, float]]]
     """Per row, its `top_n_tokens` most likely tokens with their log-probabilities."""
 
@@ -193,7 +194,15 @@ class TokenSelector:
         params = [self._held(s) for s in slots]
         index = torch.tensor(slots, dtype=torch.long)
         logits = logits[:, : self.vocab_size].float()
-        normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)  # [n, 1]
+        blocks = _block_max(logits)  # [n, vocab / BLOCK] or None
+        wanted = [i for i, p in enumerate(params) if p.logprobs or p.top_n_tokens]
+        normalizer = None  # [n, 1] log of each row's partition function, where asked for
+        if len(wanted) == len(params):
+            normalizer = _logsumexp(logits, blocks)
+        elif wanted:
+            asked = torch.tensor(wanted)
+            normalizer = torch.zeros(len(params), 1)
+            normalizer[asked] = torch.logsumexp(logits[asked], dim=-1, keepdim=True)
         # Biases, bans and penalties are applied in place on the few positions they touch and
         # undone afterwards (in reverse order): cheaper than copying `[n, vocab]`, and the
         # log-probabilities below are the model's own. A grammar mask writes a masked copy,
@@ -212,7 +221,7 @@ class TokenSelector:
         if len(sampled_rows) == len(params):
             ids = self._sample(scores, index, slots)
         else:
-            ids = scores.argmax(dim=-1)
+            ids = _argmax(scores, blocks if scores is logits and not edits else None)
             if sampled_rows:
                 sampled = torch.tensor(sampled_rows)
                 ids[sampled] = self._sample(
@@ -224,16 +233,20 @@ class TokenSelector:
             self._observe(index, ids)
         for i in constrained:
             self._advance(slots[i], int(ids[i]))
-        chosen = (logits.gather(1, ids[:, None]) - normalizer)[:, 0]
+        logprobs: list[float | None] = [None] * len(params)
+        if normalizer is not None:
+            chosen = (logits.gather(1, ids[:, None]) - normalizer)[:, 0].tolist()
+            for i in wanted:
+                logprobs[i] = chosen[i]
         top: list[list[tuple[int, float]]] = [[] for _ in params]
         top_n = max(p.top_n_tokens for p in params)
-        if top_n:
+        if top_n and normalizer is not None:  # a row with top tokens is a row in `wanted`
             best, best_ids = logits.topk(top_n, dim=-1)
             values, indices = (best - normalizer).tolist(), best_ids.tolist()
             for i, p in enumerate(params):
                 n = p.top_n_tokens
                 top[i] = list(zip(indices[i][:n], values[i][:n]))
-        return Selection(ids=ids.tolist(), logprobs=chosen.tolist(), top=top)
+        return Selection(ids=ids.tolist(), logprobs=logprobs, top=top)
 
     def _edit(self, scores: torch.Tensor, slots: list[int]) -> list[_Edit]:
         """Add each row's `logit_bias` and ban its end tokens while `min_tokens` are pending,
@@ -328,18 +341,24 @@ class TokenSelector:
         full = (~truncated).nonzero()[:, 0]
         rows = truncated.nonzero()[:, 0]
         vocab = scores.shape[-1]
-        k = min(vocab, max(CANDIDATES, int(top_k.max())))
-        while rows.numel():
+        # Each row's candidates: its top-k when that is at most CANDIDATES, else CANDIDATES (or
+        # its larger top-k). A row's own parameters decide, never its batch mates'.
+        own = (top_k > 0) & (top_k <= CANDIDATES)
+        need = torch.where(own, top_k, top_k.clamp(min=CANDIDATES)).clamp_(max=vocab)
+        pending = [(rows[need[rows] == k], k) for k in need[rows].unique().tolist()]
+        while pending:
+            rows, k = pending.pop()
             # Index rows only when they are a subset: `scores[rows]` copies `[m, vocab]`.
             subset = scores if rows.numel() == len(slots) else scores[rows]
-            values, candidates = subset.topk(k, dim=-1)  # [r, k], descending
+            values, candidates = _topk(subset, k)  # [r, k], descending
             keep = _keep(subset, values, temperature[rows], top_k[rows], top_p[rows], min_p[rows])
             covered = ~keep[:, -1] | ((top_k[rows] > 0) & (top_k[rows] <= k)) | (k == vocab)
             scaled = values / temperature[rows][:, None]
             weights = torch.exp(scaled - scaled[:, :1]) * keep
             picked = candidates.gather(1, _invert(weights.cumsum_(dim=-1), uniform[rows])[:, None])
             ids[rows] = picked[:, 0]
-            rows, k = rows[~covered], vocab  # the rest again, over the whole sorted vocabulary
+            if not bool(covered.all()):  # the rest again, over the whole sorted vocabulary
+                pending.append((rows[~covered], vocab))
         if full.numel():
             subset = scores if full.numel() == len(slots) else scores[full]
             warped = subset / temperature[full][:, None]
@@ -357,6 +376,63 @@ class TokenSelector:
             cdf = torch.softmax(warped, dim=-1).cumsum_(dim=-1)
             ids[full] = _invert(cdf, uniform[full])
         return ids
+
+
+BLOCK = 256
+"""Width of the blocks of a row that `_argmax` and `_logsumexp` first reduce: torch's CPU
+`argmax` over a long row is not vectorised, its `amax` over short blocks is."""
+GROUPS = 32
+"""`_topk` first takes the maximum over `GROUPS` strided slices of a row."""
+
+
+def _block_max(scores: torch.Tensor) -> torch.Tensor | None:
+    """`[n, vocab / BLOCK]` maxima of each row's blocks, or None where the row does not split
+    into whole blocks (then the reductions below take torch's own path)."""
+    n, vocab = scores.shape
+    if vocab % BLOCK or vocab < 4 * BLOCK or not scores.is_contiguous():
+        return None
+    return scores.view(n, vocab // BLOCK, BLOCK).amax(dim=-1)
+
+
+def _argmax(scores: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """`[n]` index of each row's largest value, the first one on ties (as `argmax`): the first
+    block holding the row's maximum, then the maximum within it. `blocks`: `_block_max(scores)`
+    when already known."""
+    if blocks is None:
+        blocks = _block_max(scores)
+        if blocks is None:
+            return scores.argmax(dim=-1)
+    n = len(scores)
+    best = blocks.argmax(dim=-1)  # [n]
+    within = scores.view(n, -1, BLOCK)[torch.arange(n), best].argmax(dim=-1)
+    return best * BLOCK + within
+
+
+def _logsumexp(scores: torch.Tensor, blocks: torch.Tensor | None) -> torch.Tensor:
+    """`[n, 1]` log of the sum of exp over each row, with the row maxima from `blocks`."""
+    if blocks is None:
+        return torch.logsumexp(scores, dim=-1, keepdim=True)
+    top = blocks.amax(dim=-1, keepdim=True)  # [n, 1]
+    if not bool(torch.isfinite(top).all()):
+        return torch.logsumexp(scores, dim=-1, keepdim=True)
+    return (scores - top).exp_().sum(dim=-1, keepdim=True).log_() + top
+
+
+def _topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scores.topk(k)` (`[n, k]` values, descending, and their indices) in two passes: the
+    maxima of `GROUPS` strided slices of each row point to the `k` columns that can hold the
+    top k, and only their `GROUPS x k` entries are ranked. The same values; equal values may
+    come in another order than `topk`'s."""
+    n, vocab = scores.shape
+    if vocab % GROUPS or GROUPS * k * 4 > vocab or not scores.is_contiguous():
+        return scores.topk(k, dim=-1)
+    width = vocab // GROUPS
+    columns = scores.view(n, GROUPS, width).amax(dim=1)  # [n, width]
+    best = columns.topk(k, dim=-1).indices  # [n, k]
+    offsets = torch.arange(GROUPS)[None, :, None] * width
+    candidates = (offsets + best[:, None, :]).view(n, GROUPS * k)
+    values, order = scores.gather(1, candidates).topk(k, dim=-1)
+    return values, candidates.gather(1, order)
 
 
 _Edit = tuple[int | torch.Tensor, torch.Tensor, torch.Tensor]

@@ -2,11 +2,10 @@
 time with inductor (AOTInductor) and cached on disk.
 
 `transformers`' modelling code run op by op spends most of a small model's decode step between
-its matrix products (SmolLM2-135M in bf16 on 2 cores: 43 ms per step at batch 1, of which the
-products take about 15). The same step written as one graph (fused q/k/v and gate/up projections,
+its matrix products. The same step written as one graph (fused q/k/v and gate/up projections,
 fp32 attention over the slot cache, no per-layer Python) and compiled by inductor with its weights
-frozen (pre-packed for oneDNN's AMX/AVX-512 kernels on CPU) takes 16 ms, and 28 ms at batch 16
-against 66 (`make bench`).
+frozen (pre-packed for oneDNN's AMX/AVX-512 kernels on CPU) spends it in the products: the
+figures are in `benchmarks/results/compile.md` and `e2e.md` (`make bench`).
 
 Shapes. One graph serves every step: the batch rows `b` (slots `0 .. b-1`, the highest decoded
 slot's included; rows not being decoded are padding) and the cache length `L` (keys before the

@@ -33,6 +33,9 @@ class SamplingParams:
     """(token id, value) pairs added to the logits before anything else (OpenAI `logit_bias`)."""
     min_tokens: int = 0
     """Tokens generated before an end token (EOS, `stop_token_ids`) or stop sequence may end it."""
+    logprobs: bool = True
+    """Report each chosen token's log-probability (TGI always does; OpenAI when `logprobs` is
+    asked for). Without it the token selector skips the normaliser, a full pass over the row."""
 
     @property
     def sampling(self) -> bool:

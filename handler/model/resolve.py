@@ -477,7 +477,7 @@ def _optimum_neuron_cores() -> int:
     """Neuron cores optimum-neuron can see; 0 when it is not installed or cannot tell."""
     try:
         get_available_cores = load_optimum(AVAILABLE_CORES)
-    except ConfigError:
+    except (ConfigError, AttributeError):  # not installed, or a release without the function
         return 0
     try:
         return int(get_available_cores())

@@ -3,15 +3,15 @@
 The KV cache is a `transformers` `Cache` subclass with one static tensor per layer of shape
 `[batch_size, kv_heads, sequence_length, head_dim]`. Writes go to each row's own positions; the
 attention of a step covers only `max(filled length)` positions of the rows it runs, never the
-capacity (a `StaticCache` attends to every position and was measured 3x slower on CPU at batch 8).
+capacity (a `StaticCache` attends to every position, several times slower on CPU).
 
 A prefill packs its prompts end to end into one sequence, with positions restarting at each
 prompt, instead of padding every prompt to the longest: the model's linear layers then compute
-exactly the prompts' tokens (4 prompts of 8 to 105 tokens: 237 ms packed against 550 ms padded
-on 2 CPU cores). Only the attention splits the pack again: prompts of similar length are
-attended together, each padded at its end to the longest of its group and causal, so that no
-`[T, T]` block-diagonal mask is built or attended through (16 prompts of 6 to 145 tokens, bf16:
-2.0 against 4.2 ms per layer). Packs hold at most `PACK_TOKENS` tokens; a longer prompt runs
+exactly the prompts' tokens (less than half the time of padded prompts of mixed lengths,
+`benchmarks/results/engine.md`). Only the attention splits the pack again: prompts of similar
+length are attended together, each padded at its end to the longest of its group and causal, so
+that no `[T, T]` block-diagonal mask is built or attended through (about half the attention
+time). Packs hold at most `PACK_TOKENS` tokens; a longer prompt runs
 alone.
 """
 
@@ -196,11 +196,11 @@ def slot_sdpa_forward(
 
     - Grouped heads stay grouped. With a mask, `transformers`' `sdpa` copies every key/value
       head `heads / kv_heads` times before attention (its GQA path is for masks of None only, the
-      CUDA kernels' limit); the CPU kernel takes grouped heads and a mask directly: 108 against
-      214 us per layer at batch 8 over 209 positions (fp32), same result.
+      CUDA kernels' limit); the CPU kernel takes grouped heads and a mask directly, in half the
+      time, with the same result.
     - A bf16/fp16 decode step (one query per row) attends in fp32. The CPU kernel's reduced
-      precision path is slow for a single query: 1.4-2.0 ms per layer at batch 16 over 209
-      positions against 0.33 ms upcast, 30-50 ms of a 16-row step on 2 cores. The kernel
+      precision path is slow for a single query (several times the upcast path's time, most of
+      a 16-row step on 2 cores). The kernel
       computes scores and softmax in fp32 anyway; only its rounding of the probabilities to bf16
       before the value product differs (outputs within one bf16 step; greedy answers equal
       `transformers` in bf16, tests/test_bf16.py).

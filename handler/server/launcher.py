@@ -28,7 +28,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from gunicorn import util as gunicorn_util
@@ -146,14 +146,12 @@ class ServingApplication(BaseApplication):
     def __init__(
         self,
         settings: Settings,
-        argv: Sequence[str],
         environ: Mapping[str, str],
         worker_timeout: int = WORKER_TIMEOUT,
     ) -> None:
-        """`argv` and `environ` are kept to read the settings again with the compiled shapes of
-        an exported Neuron model."""
+        """`settings`: the process's, read once. `environ`: the process environment, which a
+        Neuron export process inherits."""
         self.settings = settings
-        self.argv = list(argv)
         self.environ = dict(environ)
         self.worker_timeout = worker_timeout
         super().__init__()
@@ -222,7 +220,7 @@ class ServingApplication(BaseApplication):
         return create_app(state, metrics)
 
 
-def serve(settings: Settings, argv: Sequence[str], environ: Mapping[str, str]) -> int:
+def serve(settings: Settings, environ: Mapping[str, str]) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status."""
-    ServingApplication(settings, argv, environ).run()
+    ServingApplication(settings, environ).run()
     return 0

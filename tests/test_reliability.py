@@ -393,10 +393,10 @@ def test_a_dead_scheduler_turns_health_checks_503_and_the_log_says_why(
         real_decode = engine.generator._decode
         steps = itertools.count()
 
-        def decode() -> None:
+        def decode(slots: list) -> None:
             if next(steps) == 3:
                 raise RuntimeError("injected scheduler bug")
-            real_decode()
+            real_decode(slots)
 
         monkeypatch.setattr(engine.generator, "_decode", decode)
         body = {"inputs": COUNTING, "parameters": {"max_new_tokens": 50}}

@@ -8,18 +8,18 @@ Run from the repository root (`make bench-overhead`):
 
     python -m benchmarks.overhead --out benchmarks/results/overhead.json --readme README.md
 
-The backend (`InstantBackend`) returns views of precomputed random float32 logits. Each
-configuration (batch 8, 32, 128; vocabulary 49,152 with SmolLM2's tokenizer and 128,256 with a
-synthetic tokenizer of that size; greedy, and sampled with temperature 0.7, top-p 0.9, top-k 50
-and a seed per request) starts one thread per request that submits it (all at once, behind a
-barrier) and reads its events as the server's streaming routes do (`RequestHandle.poll`).
-Every request has `ignore_eos` and the same `max_new_tokens`, so every row runs the same steps.
-A step's host time is the interval between two consecutive `on_step` callbacks of decode steps
-over the whole batch (all requests admitted): one loop of the scheduler thread, from a step's
-token selection to the next one's, events and detokenization included. The `select` column is
-the callback's own seconds (`TokenSelector.prepare`, the forward and `TokenSelector.select`).
-Each row is the best of `--runs` batches (the lowest median step), started once the machine is
-quiet: on shared cores another process's work shows up as our overhead.
+The backend (`instant_backend`, a `ScriptedBackend` given the logits) returns views of precomputed
+random float32 logits. Each configuration (batch 8, 32, 128; vocabulary 49,152 with SmolLM2's
+tokenizer and 128,256 with a synthetic tokenizer of that size; greedy, and sampled with temperature
+0.7, top-p 0.9, top-k 50 and a seed per request) starts one thread per request that submits it (all
+at once, behind a barrier) and reads its events as the server's streaming routes do
+(`RequestHandle.poll`). Every request has `ignore_eos` and the same `max_new_tokens`, so every row
+runs the same steps. A step's host time is the interval between two consecutive `on_step` callbacks
+of decode steps over the whole batch (all requests admitted): one loop of the scheduler thread,
+from a step's token selection to the next one's, events and detokenization included. The `select`
+column is the callback's own seconds (`TokenSelector.prepare`, the forward and
+`TokenSelector.select`). Each row is the best of `--runs` batches (the lowest median step), started
+once the machine is quiet: on shared cores another process's work shows up as our overhead.
 
 With `--breakdown` (on by default for the judged configurations) the judged runs are repeated
 with timers around the generator's parts, and once more with the events read after the run
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import threading
 import time
@@ -44,7 +43,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from benchmarks.machine import machine
-from benchmarks.report import update_readme
+from benchmarks.report import publish, table_head
 from benchmarks.structured import synthetic_tokenizer
 from handler.api.submission import POLL_SECONDS
 from handler.generation.detokenize import IncrementalDetokenizer
@@ -59,8 +58,8 @@ from handler.generation.request import (
 from handler.generation.sampling import TokenSelector
 from handler.generation.slots import Slot
 from handler.generation.stopping import StoppingCriteria
-from handler.model.base import ModelShape, PrefillOutput
 from handler.model.params import SamplingParams
+from handler.testing.scripted import ScriptedBackend
 from handler.testing.smollm2 import ensure_model
 
 BATCHES = (8, 32, 128)
@@ -83,48 +82,39 @@ QUIET_WAIT_S = 30.0
 waited for a CPU less than `QUIET_PRESSURE` of the time: on shared cores, another process's
 work shows up as our overhead."""
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-README_MARKERS = (
-    "<!-- benchmarks.overhead: start (written by `make bench-overhead`) -->",
-    "<!-- benchmarks.overhead: end -->",
-)
 
 
-class InstantBackend:
-    """A `ModelBackend` whose forward costs nothing: it returns precomputed logits.
+def instant_backend(batch_size: int, vocab_size: int) -> ScriptedBackend:
+    """A backend whose forward costs nothing: it returns precomputed logits.
 
-    The logits are `[batch_size + SPARE_ROWS, vocab]` random normal float32 values; each step
+    The logits are `[batch_size + SPARE_ROWS, vocab]` random normal float32 values; each call
     returns the `[n, vocab]` rows from the next offset, a view. `TokenSelector.select` edits
     logits in place only where a request has a `logit_bias`, `min_tokens` or penalties, and
     undoes each edit before it returns, so the stored rows stay as they were."""
+    stored = torch.randn(
+        batch_size + SPARE_ROWS, vocab_size, generator=torch.Generator().manual_seed(0)
+    )
+    calls = itertools.count()
 
-    def __init__(self, batch_size: int, vocab_size: int) -> None:
-        self.shape = ModelShape(
-            batch_size, SEQUENCE_LENGTH, vocab_size, "cpu", "float32", prompt_logprobs=False
-        )
-        generator = torch.Generator().manual_seed(0)
-        self.logits = torch.randn(batch_size + SPARE_ROWS, vocab_size, generator=generator)
-        self.steps = 0
+    def logits(slots: list[int]) -> torch.Tensor:
+        offset = next(calls) % (SPARE_ROWS + 1)
+        return stored[offset : offset + len(slots)]
 
-    def _next(self, rows: int) -> torch.Tensor:
-        offset = self.steps % (SPARE_ROWS + 1)
-        self.steps += 1
-        return self.logits[offset : offset + rows]
+    return ScriptedBackend(
+        batch_size, SEQUENCE_LENGTH, vocab_size, logits=logits, prompt_logprobs=False
+    )
 
-    def assign(self, slot: int, params: SamplingParams) -> None:
-        pass
 
-    def prefill(
-        self,
-        input_ids: list[list[int]],
-        seq_ids: list[int],
-        want_prompt_logits: list[bool] | None = None,
-    ) -> PrefillOutput:
-        return PrefillOutput(self._next(len(seq_ids)), [None] * len(seq_ids))
+@dataclass(frozen=True)
+class Setup:
+    """One configuration to measure: `runs` batches of `batch` requests of `max_new_tokens`."""
 
-    def decode(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_ids: list[int]
-    ) -> torch.Tensor:
-        return self._next(len(seq_ids))
+    tokenizer: PreTrainedTokenizerBase
+    vocab: int
+    batch: int
+    mode: str
+    max_new_tokens: int
+    runs: int
 
 
 @dataclass
@@ -252,10 +242,10 @@ def wait_for_quiet(limit_s: float = QUIET_WAIT_S) -> float | None:
 def running(
     tokenizer: PreTrainedTokenizerBase, vocab: int, batch: int
 ) -> Iterator[tuple[Generator, StepLog]]:
-    """A started generator over an `InstantBackend` of `batch` slots, and its step log."""
+    """A started generator over an `instant_backend` of `batch` slots, and its step log."""
     log = StepLog()
     generator = Generator(
-        InstantBackend(batch, vocab),
+        instant_backend(batch, vocab),
         tokenizer,
         eos_token_ids=eos_token_ids(tokenizer),
         max_concurrent_requests=batch,
@@ -273,15 +263,10 @@ def best_run(runs: list[tuple[list[float], list[float]]]) -> tuple[list[float], 
     return min(runs, key=lambda run: statistics.median(run[0]))
 
 
-def measure(
-    tokenizer: PreTrainedTokenizerBase,
-    vocab: int,
-    batch: int,
-    mode: str,
-    max_new_tokens: int,
-    runs: int,
-) -> dict[str, Any]:
+def measure(config: Setup) -> dict[str, Any]:
     """Step times of the best of `runs` batches (after a short warm-up one)."""
+    tokenizer, vocab, batch, mode = config.tokenizer, config.vocab, config.batch, config.mode
+    max_new_tokens, runs = config.max_new_tokens, config.runs
     prompt_ids = tokenizer(PROMPT).input_ids
     quiet = wait_for_quiet()
     pressure = cpu_pressure_us()
@@ -319,7 +304,7 @@ def measure(
 PARTS: dict[str, tuple[type, str]] = {
     "last_tokens": (Generator, "_last_tokens"),
     "prepare": (TokenSelector, "prepare"),
-    "forward": (InstantBackend, "decode"),
+    "forward": (ScriptedBackend, "decode"),
     "select": (TokenSelector, "select"),
     "select: _sample": (TokenSelector, "_sample"),
     "emit": (Generator, "_emit"),
@@ -363,19 +348,14 @@ def timed_parts() -> Iterator[dict[str, float]]:
             setattr(owner, attribute, raw)
 
 
-def breakdown(
-    tokenizer: PreTrainedTokenizerBase,
-    vocab: int,
-    batch: int,
-    mode: str,
-    max_new_tokens: int,
-    runs: int,
-) -> dict[str, Any]:
+def breakdown(config: Setup) -> dict[str, Any]:
     """Milliseconds per full-batch decode step in each part of `PARTS` (the best of `runs`
     timed batches), and the untimed step with and without a consumer thread per request.
     Parts are timed over a whole batch and divided by its decode steps, so the prefill's
     selection and the last step's finishing are included (a little over one step's worth of
     each in `max_new_tokens`)."""
+    tokenizer, vocab, batch, mode = config.tokenizer, config.vocab, config.batch, config.mode
+    max_new_tokens, runs = config.max_new_tokens, config.runs
     prompt_ids = tokenizer(PROMPT).input_ids
     wait_for_quiet()
     with running(tokenizer, vocab, batch) as (generator, log):
@@ -427,9 +407,19 @@ def to_markdown(report: dict[str, Any]) -> str:
         "a core (Linux PSI; this benchmark alone causes a few percent), a measure of "
         "interference.",
         "",
-        "| batch | vocabulary | mode | steps | step ms median | step ms p90 | µs per token "
-        "| select ms median | CPU pressure | target ms | met |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
+        *table_head(
+            "batch:",
+            "vocabulary:",
+            "mode",
+            "steps:",
+            "step ms median:",
+            "step ms p90:",
+            "µs per token:",
+            "select ms median:",
+            "CPU pressure:",
+            "target ms:",
+            "met^",
+        ),
     ]
     for r in report["rows"]:
         target = "" if r["target_ms"] is None else f"≤ {r['target_ms']:g}"
@@ -486,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     for vocab in VOCABS:
         for batch in BATCHES:
             for mode in MODES + (UNLOGGED if (batch, vocab) == JUDGED else ()):
-                row = measure(tokenizers[vocab], vocab, batch, mode, args.tokens, args.runs)
+                setup = Setup(tokenizers[vocab], vocab, batch, mode, args.tokens, args.runs)
+                row = measure(setup)
                 print(
                     f"batch {batch} vocab {vocab} {mode}: {row['step_ms_median']:.3f} ms/step",
                     flush=True,
@@ -494,7 +485,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
     batch, vocab = JUDGED
     parts = (
-        [breakdown(tokenizers[vocab], vocab, batch, mode, args.tokens, args.runs) for mode in MODES]
+        [
+            breakdown(Setup(tokenizers[vocab], vocab, batch, mode, args.tokens, args.runs))
+            for mode in MODES
+        ]
         if args.breakdown
         else []
     )
@@ -509,15 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         "breakdown": parts,
         "parts": {name: qualified(owner, attribute) for name, (owner, attribute) in PARTS.items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
     text = to_markdown(report)
-    args.out.with_suffix(".md").write_text(text)
-    if args.readme:
-        block = text.replace("# Scheduler host overhead", "#### Scheduler host overhead", 1)
-        update_readme(
-            args.readme, f"{README_MARKERS[0]}\n{block}{README_MARKERS[1]}", README_MARKERS
-        )
+    publish(report, text, args.out, args.readme, "overhead", "bench-overhead")
     print(text)
     return 0
 

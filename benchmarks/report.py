@@ -946,6 +946,35 @@ def update_readme(
     readme.write_text(text[:start] + block + text[end + len(end_marker) :])
 
 
+def table_head(*columns: str) -> list[str]:
+    """A markdown table's header and alignment rows; a column name ending in `:` is aligned
+    right, in `^` centred, otherwise left."""
+    names, rules = [], []
+    for column in columns:
+        align = {":": "---:", "^": ":---:"}.get(column[-1:], "---")
+        names.append(column.rstrip(":^"))
+        rules.append(align)
+    return ["| " + " | ".join(names) + " |", "| " + " | ".join(rules) + " |"]
+
+
+def publish(
+    report: dict[str, Any], text: str, out: Path, readme: Path | None, name: str, target: str
+) -> None:
+    """Write a benchmark's `report` to `out` (JSON) and its markdown `text` next to it, and,
+    with `readme`, into the README between the markers of `benchmarks.<name>` (`make <target>`
+    writes them), its title one level down to sit under the README's own heading."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(text)
+    if readme is not None:
+        markers = (
+            f"<!-- benchmarks.{name}: start (written by `make {target}`) -->",
+            f"<!-- benchmarks.{name}: end -->",
+        )
+        block = "###" + text if text.startswith("# ") else text
+        update_readme(readme, f"{markers[0]}\n{block}{markers[1]}", markers)
+
+
 def write(report: dict[str, Any], out: Path) -> str:
     """Write `out` (JSON), its `.md` and the plots beside it; return the Markdown."""
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from benchmarks.machine import machine
-from benchmarks.report import update_readme
+from benchmarks.report import publish
 from handler.config import read_settings
 from handler.engine import Engine, build_torch_engine
 from handler.generation.grammar import Constraint, GrammarCompiler
@@ -73,10 +73,6 @@ the unconstrained ones. The first is judged against the target; the second is th
 SCHEMA = SCHEMAS["short strings"]
 """The mask-time measurement's schema."""
 TARGET = 0.9
-README_MARKERS = (
-    "<!-- benchmarks.structured: start (written by `make bench-structured`) -->",
-    "<!-- benchmarks.structured: end -->",
-)
 BATCH = 16
 PROMPT = "List some words, as a JSON array of strings:"
 
@@ -212,8 +208,6 @@ def main(argv: list[str] | None = None) -> int:
         "met": ratios[judged] >= TARGET,
         "mask_per_step": masks,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"# Structured output cost ({report['machine'].get('cpu_model') or 'cpu'})",
         "",
@@ -248,12 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {m['mask_ms']:.3f} | {m['mask_p99_ms']:.3f} |"
         )
     text = "\n".join(lines) + "\n"
-    args.out.with_suffix(".md").write_text(text)
-    if args.readme:
-        block = text.replace("# Structured output cost", "#### Structured output cost", 1)
-        update_readme(
-            args.readme, f"{README_MARKERS[0]}\n{block}{README_MARKERS[1]}", README_MARKERS
-        )
+    publish(report, text, args.out, args.readme, "structured", "bench-structured")
     print(text)
     return 0
 

@@ -14,28 +14,23 @@ import pytest
 
 from handler.api.submission import RequestMetrics, Submission
 from handler.errors import GenerationError, ServingError, UnavailableError, ValidationError
-from handler.generation.request import (
-    ErrorEvent,
-    FinalEvent,
-    GenerationRequest,
-    RequestHandle,
-    Token,
-    TokenEvent,
-)
+from handler.generation import request as events
 from handler.generation.stopping import FinishReason
 from handler.server.metrics import Metrics
 
 
-def handle() -> RequestHandle:
-    return RequestHandle(GenerationRequest([1, 2, 3], max_new_tokens=2), on_cancel=lambda: None)
+def handle() -> events.RequestHandle:
+    return events.RequestHandle(
+        events.GenerationRequest([1, 2, 3], max_new_tokens=2), on_cancel=lambda: None
+    )
 
 
-def token(last: bool = False) -> TokenEvent:
-    return TokenEvent(Token(7, "a", -0.5, special=False), [], last=last)
+def token(last: bool = False) -> events.TokenEvent:
+    return events.TokenEvent(events.Token(7, "a", -0.5, special=False), [], last=last)
 
 
-def final() -> FinalEvent:
-    return FinalEvent(FinishReason.LENGTH, "aa", 2, 3, None, [], [], 0.01, 0.02)
+def final() -> events.FinalEvent:
+    return events.FinalEvent(FinishReason.LENGTH, "aa", 2, 3, None, [], [], 0.01, 0.02)
 
 
 def counts(metrics: Metrics) -> dict[str, int]:
@@ -83,7 +78,7 @@ def test_a_failed_prompt_counts_once_though_its_error_ends_the_request(
     with pytest.raises(GenerationError), RequestMetrics(metrics) as counted:
         submitted = handle()
         submitted.put(token())
-        submitted.put(ErrorEvent(GenerationError("the model failed")))
+        submitted.put(events.ErrorEvent(GenerationError("the model failed")))
         Submission(submitted, "/generate", counted).result()
     assert counts(metrics) == {"count": 1, "generation": 1}
 
@@ -92,7 +87,7 @@ def test_a_request_of_two_prompts_counts_each_prompt(metrics: Metrics) -> None:
     """One prompt fails; the route cancels the other (as a non-streaming OpenAI call does)."""
     with pytest.raises(ServingError), RequestMetrics(metrics) as counted:
         failing, waiting = handle(), handle()
-        failing.put(ErrorEvent(GenerationError("the model failed")))
+        failing.put(events.ErrorEvent(GenerationError("the model failed")))
         submissions = [Submission(h, "/v1/completions", counted) for h in (failing, waiting)]
         try:
             for submission in submissions:

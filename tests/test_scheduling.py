@@ -92,18 +92,6 @@ def test_a_lone_arrival_waits_to_be_prefilled_with_another(engine_with) -> None:
         handle.cancel()
 
 
-def test_a_held_request_is_admitted_after_max_waiting_tokens(engine_with) -> None:
-    engine, steps = engine_with(MAX_WAITING_TOKENS="3", WAITING_SERVED_RATIO="1.0")
-    running = start_running(engine, 40)
-    held = engine.generator.submit(request(engine, PROMPTS[2], 4))
-    held.result(timeout=60)
-    methods = [m for m, _ in steps.log]
-    second = methods.index("prefill", 1)
-    assert methods[1:second].count("decode") >= 3
-    for handle in running:
-        handle.cancel()
-
-
 def test_nothing_is_held_when_nothing_runs_or_the_ratio_is_zero(engine_with) -> None:
     engine, steps = engine_with(MAX_WAITING_TOKENS="1000", WAITING_SERVED_RATIO="0")
     running = start_running(engine, 40)

@@ -38,14 +38,8 @@ class RequestCounters(Protocol):
 
     def received(self) -> None: ...
 
-    def succeeded(
-        self,
-        total: float,
-        queue: float,
-        inference: float,
-        prompt_tokens: int,
-        generated_tokens: int,
-    ) -> None: ...
+    def succeeded(self, total: float, final: FinalEvent) -> None:
+        """A request answered in `total` seconds, as `final` tells."""
 
     def failed(self, error_type: str) -> None: ...
 
@@ -82,13 +76,7 @@ class RequestMetrics:
         self.failed(error.error_type if isinstance(error, ServingError) else ServerError.error_type)
 
     def succeeded(self, final: FinalEvent) -> None:
-        self.counters.succeeded(
-            time.monotonic() - self.received_at,
-            final.queue_time,
-            final.inference_time,
-            final.prompt_tokens,
-            final.generated_tokens,
-        )
+        self.counters.succeeded(time.monotonic() - self.received_at, final)
 
     def failed(self, error_type: str) -> None:
         """Count a failure (`cancelled` for a prompt whose client went away)."""

@@ -293,6 +293,19 @@ def _call(text: str, start: int) -> tuple[ParsedCall | None, int]:
     return ParsedCall(name, arguments, False), len(text)
 
 
+def _calls(text: str, position: int, separator: str, calls: list[ParsedCall]) -> None:
+    """Append to `calls` the calls that follow one another from `position`, `separator`
+    between them, up to the first incomplete one."""
+    while position < len(text):
+        call, position = _call(text, position)
+        if call is None:
+            return
+        calls.append(call)
+        if not call.done or not text.startswith(separator, position):
+            return
+        position += len(separator)
+
+
 def _held(text: str, marker: str) -> int:
     """How many characters at the end of `text` could be the start of `marker`."""
     for k in range(min(len(marker) - 1, len(text)), 0, -1):
@@ -311,15 +324,7 @@ def parse(fmt: ToolFormat, text: str, final: bool) -> Parsed:
         if not stripped.startswith("{"):
             return Parsed(text)
         parsed = Parsed("")
-        position = len(text) - len(stripped)
-        while position < len(text):
-            call, position = _call(text, position)
-            if call is None:
-                break
-            parsed.calls.append(call)
-            if not call.done or not text.startswith(fmt.separator, position):
-                break
-            position += len(fmt.separator)
+        _calls(text, len(text) - len(stripped), fmt.separator, parsed.calls)
         return parsed
     opener = fmt.open.rstrip("\n")
     parsed = Parsed("")
@@ -336,15 +341,7 @@ def parse(fmt: ToolFormat, text: str, final: bool) -> Parsed:
         segments.append(text[position:found])
         position = found + len(opener)
         if fmt.family == "mistral":
-            position = text.find("[", position) + 1 or len(text)
-            while True:
-                call, position = _call(text, position)
-                if call is None:
-                    break
-                parsed.calls.append(call)
-                if not call.done or not text.startswith(fmt.separator, position):
-                    break
-                position += len(fmt.separator)
+            _calls(text, text.find("[", position) + 1 or len(text), fmt.separator, parsed.calls)
             break
         call, position = _call(text, position)
         if call is None:

@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_late
 from prometheus_client.core import Metric, UnknownMetricFamily
 from prometheus_client.registry import Collector
 
+from handler.generation.request import FinalEvent
+
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -123,21 +125,14 @@ class Metrics:
     def failed(self, error_type: str) -> None:
         self.counts.inc("tgi_request_failure", err=error_type)
 
-    def succeeded(
-        self,
-        total: float,
-        queue: float,
-        inference: float,
-        prompt_tokens: int,
-        generated_tokens: int,
-    ) -> None:
+    def succeeded(self, total: float, final: FinalEvent) -> None:
         self.counts.inc("tgi_request_success")
         self.duration.observe(total)
-        self.queue_duration.observe(queue)
-        self.inference_duration.observe(inference)
-        self.time_per_token.observe(inference / max(generated_tokens, 1))
-        self.input_length.observe(prompt_tokens)
-        self.generated_tokens.observe(generated_tokens)
+        self.queue_duration.observe(final.queue_time)
+        self.inference_duration.observe(final.inference_time)
+        self.time_per_token.observe(final.inference_time / max(final.generated_tokens, 1))
+        self.input_length.observe(final.prompt_tokens)
+        self.generated_tokens.observe(final.generated_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

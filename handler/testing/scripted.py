@@ -67,11 +67,22 @@ class ScriptedBackend:
         vocab_size: int = len(ALPHABET),
         mixed_steps: bool = False,
         next_token: Callable[[int, list[int]], int] | None = None,
+        logits: Callable[[list[int]], torch.Tensor] | None = None,
+        prompt_logprobs: bool = True,
     ) -> None:
+        """`logits(slots)`, when given, answers every call instead of the script (`[n,
+        vocab]`, with nothing recorded of the rows: a forward that costs nothing)."""
         self.shape = ModelShape(
-            batch_size, sequence_length, vocab_size, "cpu", "float32", mixed_steps=mixed_steps
+            batch_size,
+            sequence_length,
+            vocab_size,
+            "cpu",
+            "float32",
+            mixed_steps=mixed_steps,
+            prompt_logprobs=prompt_logprobs,
         )
         self.next_token = next_token or (lambda _slot, ids: _next_token(ids[-1], vocab_size))
+        self.given = logits
         self.rows: dict[int, list[int]] = {}
         """Per slot, the tokens in its cache."""
         self.calls: list[Call] = []
@@ -83,6 +94,8 @@ class ScriptedBackend:
 
     def _logits(self, slots: list[int]) -> torch.Tensor:
         """`[n, vocab]`: 0 at each row's next token, -10 elsewhere."""
+        if self.given is not None:
+            return self.given(slots)
         logits = torch.full((len(slots), self.shape.vocab_size), -10.0)
         for row, slot in enumerate(slots):
             logits[row, self.next_token(slot, self.rows[slot])] = 0.0
@@ -95,13 +108,15 @@ class ScriptedBackend:
             hook(call)
 
     def _fill(self, prompts: list[list[int]], seq_ids: list[int]) -> PrefillOutput:
-        for prompt, slot in zip(prompts, seq_ids, strict=True):
-            self.rows[slot] = list(prompt)
+        if self.given is None:
+            for prompt, slot in zip(prompts, seq_ids, strict=True):
+                self.rows[slot] = list(prompt)
         return PrefillOutput(self._logits(seq_ids), [None] * len(seq_ids))
 
     def _advance(self, input_ids: torch.Tensor, seq_ids: list[int]) -> torch.Tensor:
-        for token, slot in zip(input_ids.tolist(), seq_ids, strict=True):
-            self.rows[slot].append(token)
+        if self.given is None:
+            for token, slot in zip(input_ids.tolist(), seq_ids, strict=True):
+                self.rows[slot].append(token)
         return self._logits(seq_ids)
 
     def prefill(

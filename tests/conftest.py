@@ -164,8 +164,8 @@ class RunningServer:
             try:
                 if requests.get(f"{self.url}/ping", timeout=2).status_code == 200:
                     return
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or slow to answer while it compiles
             time.sleep(0.2)
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.log()}")
 

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 FAMILY = ("llama", "mistral", "qwen2")
 """`model_type`s whose decoder layer is the one written here (Llama's, with optional biases)."""
 
-PACKAGE_FORMAT = 1
+PACKAGE_FORMAT = 2
 """Bump when the graph's inputs or outputs change (the source hash covers the rest)."""
 
 BUILD_TIMEOUT = 1800.0
@@ -190,16 +190,19 @@ class LeanDecode(torch.nn.Module):
             k = k * cos + _rotate_half(k) * sin
             new.append(torch.stack([k, v]))
             # Attention in fp32 over the cached keys and the current one (which is not stored
-            # yet): softmax over [cached..., current].
-            keys = cache[i, 0, :b, :, :length].float()  # [b, kv_heads, L, head_dim]
-            values = cache[i, 1, :b, :, :length].float()
+            # yet): softmax over [cached..., current]. Written as products and sums rather than
+            # matrix products: inductor fuses each into one loop that reads the cache in its own
+            # type, several times faster than a batched product over a few rows.
+            keys = cache[i, 0, :b, :, :length]  # [b, kv_heads, L, head_dim]
+            values = cache[i, 1, :b, :, :length]
             qg = q.view(b, kv_heads, group, head_dim).float() * self.scaling
-            scores = qg @ keys.transpose(-1, -2) + bias  # [b, kv_heads, group, L]
+            scores = (qg[:, :, :, None, :] * keys[:, :, None].float()).sum(-1) + bias
             own = (qg * k.float()[:, :, None, :]).sum(-1, keepdim=True)  # [b, kv_heads, group, 1]
             top = torch.maximum(scores.amax(-1, keepdim=True), own)
             weights, own_weight = (scores - top).exp(), (own - top).exp()
             total = weights.sum(-1, keepdim=True) + own_weight
-            out = (weights @ values + own_weight * v.float()[:, :, None, :]) / total
+            mixed = (weights[..., None] * values[:, :, None].float()).sum(-2)
+            out = (mixed + own_weight * v.float()[:, :, None, :]) / total
             x = x + F.linear(out.to(x.dtype).reshape(b, heads * head_dim), layer.o, layer.o_bias)
             h = _rms_norm(x, layer.norm2, self.eps)
             gate, up = F.linear(h, layer.gate_up, layer.gate_up_bias).split(
@@ -314,9 +317,11 @@ def build_package(spec: PackageSpec, out: Path) -> None:
     )
     with torch.inference_mode():
         program = torch.export.export(step, example, dynamic_shapes=dims)
-    torch._inductor.aoti_compile_and_package(
-        program, package_path=str(out), inductor_configs={"freezing": True}
-    )
+        # Inside inference mode: inductor freezes the weights (and pre-packs them for oneDNN)
+        # only where gradients are off; outside it the products run unpacked, about half as fast.
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(out), inductor_configs={"freezing": True}
+        )
 
 
 class CompiledDecode:
@@ -410,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="package file to write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    # The build yields the cores to the serving process, whose health checks must stay answered.
+    os.nice(10)
     build_package(PackageSpec(**json.loads(args.spec)), Path(args.out))
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import mmap
 import threading
 from dataclasses import dataclass
 from itertools import accumulate
@@ -298,6 +300,23 @@ AttentionInterface.register(SLOT_ATTENTION, slot_sdpa_forward)
 AttentionMaskInterface.register(SLOT_ATTENTION, sdpa_mask)
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor whose memory, on CPU, is committed page by page as it is first written: an
+    anonymous mapping reads as zeros without being touched, so a slot cache sized for every slot's
+    longest sequence costs only the positions requests have reached (as llama.cpp's does)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    # The tensor keeps the mapping alive (`frombuffer` holds a reference to it).
+    return (
+        torch.frombuffer(
+            mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=torch.uint8
+        )
+        .view(dtype)
+        .view(shape)
+    )
+
+
 class SlotKVCache(Cache):
     """Static per-slot KV storage that attends only to the filled prefix of the rows in a step."""
 
@@ -439,7 +458,7 @@ class TorchBackend:
         config = self.model.config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        self.kv = torch.zeros(
+        self.kv = _zeros(
             (
                 self.cache.num_layers,
                 2,
@@ -448,8 +467,8 @@ class TorchBackend:
                 self.cache.sequence_length,
                 head_dim,
             ),
-            dtype=self.dtype,
-            device=self.device,
+            self.dtype,
+            self.device,
         )
         self.cache.dtype = self.kv_dtype = self.dtype
         self.cache.keys = list(self.kv[:, 0].unbind(0))

@@ -510,6 +510,25 @@ class Settings:
         env=("TORCH_COMPILE",),
         parse=_bool,
     )
+    prefix_caching: bool = option(
+        True,
+        "Start a prompt from the positions a KV cache row already holds of its first tokens "
+        "(an earlier turn, a shared system prompt; handler/generation/prefix.py), as vLLM's "
+        "automatic prefix caching and llama.cpp's slot prompt cache do (true or false; the "
+        "torch backend only).",
+        flags=("--prefix-caching",),
+        env=("PREFIX_CACHING",),
+        parse=_bool,
+    )
+    prefix_cache_rows: int | None = option(
+        None,
+        "KV cache rows beyond the slots that only keep prompt prefixes for reuse (with "
+        "`prefix_caching`): what a slot held is moved there before a new request overwrites it. "
+        "A row's memory is committed as positions are written; default: the batch size.",
+        flags=("--prefix-cache-rows",),
+        env=("PREFIX_CACHE_ROWS",),
+        parse=_non_negative_int,
+    )
     compile_cache: str | None = option(
         None,
         "Where compiled decode steps are kept between starts; default `compiled-steps` under "

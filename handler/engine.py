@@ -94,15 +94,17 @@ def assemble(
         on_step=on_step,
         max_waiting_tokens=settings.max_waiting_tokens,
         waiting_served_ratio=settings.waiting_served_ratio,
+        prefix_caching=settings.prefix_caching,
     )
     shape = backend.shape
     logger.info(
-        "%s backend on %s (%s), %d slots of %d tokens",
+        "%s backend on %s (%s), %d slots of %d tokens, prompt prefix reuse %s",
         backend_name,
         shape.device,
         shape.dtype,
         shape.batch_size,
         shape.sequence_length,
+        "on" if generator.prefix_caching else "off",
     )
     if start:
         generator.start()
@@ -155,6 +157,9 @@ def build_torch_engine(
         backend.use_compiled(prepared.step, prepared.reason)
     else:
         backend.use_compiled(None, "the compiled step is off (TORCH_COMPILE=false)")
+    if settings.prefix_caching:
+        rows = settings.prefix_cache_rows
+        backend.keep_prefixes(settings.max_batch_size if rows is None else rows)
     return assemble(
         settings,
         backend,

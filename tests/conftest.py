@@ -232,3 +232,24 @@ def golden(reference_model: AutoModelForCausalLM, tokenizer: PreTrainedTokenizer
         return cache[key]
 
     return answer
+
+
+FP32_TIE = 0.01
+"""In fp32 a chosen token may differ from the reference's best only where the reference's top-2
+margin is below this (a near tie that any change of summation order can flip)."""
+
+
+def assert_fp32_golden(reference, ids: list[int], got: list[int]) -> None:
+    """Teacher-forced against the fp32 reference: every chosen token is its best, except at a
+    near tie (top-2 margin below `FP32_TIE`), where it is one of the two."""
+    with torch.inference_mode():
+        logits = reference(torch.tensor([ids + got])).logits[0, len(ids) - 1 : -1].float()
+    top = logits.topk(2, dim=-1)
+    for step, token in enumerate(got):
+        best, second = top.values[step].tolist()
+        if token == int(top.indices[step, 0]):
+            continue
+        assert best - second < FP32_TIE and token == int(top.indices[step, 1]), (
+            f"step {step}: chose {token}, reference best {int(top.indices[step, 0])} "
+            f"by a margin of {best - second:.4f}"
+        )

@@ -22,17 +22,15 @@ from handler.engine import Engine
 from handler.generation.request import GenerationRequest
 from handler.model import compiled
 from tests.conftest import (
+    FP32_TIE,
     PROMPTS,
+    assert_fp32_golden,
     assert_margin_rule,
     launch_server,
     reference_greedy,
     start_engine,
 )
 from tests.test_bf16 import BF16_STEPS
-
-FP32_TIE = 0.01
-"""In fp32 a chosen token may differ from the reference's best only where the reference's top-2
-margin is below this (a near tie that any change of summation order can flip)."""
 
 
 def compiled_env(cache: Path, **env: str) -> dict[str, str]:
@@ -68,22 +66,6 @@ def run(engine: Engine, ids: list[int], n: int, **fields) -> list[int]:
     request = GenerationRequest(ids, max_new_tokens=n, **fields)
     tokens, _ = engine.generator.submit(request).result(timeout=300)
     return [t.token.id for t in tokens]
-
-
-def assert_fp32_golden(reference, ids: list[int], got: list[int]) -> None:
-    """Teacher-forced against the fp32 reference: every chosen token is its best, except at a
-    near tie (top-2 margin below `FP32_TIE`), where it is one of the two."""
-    with torch.inference_mode():
-        logits = reference(torch.tensor([ids + got])).logits[0, len(ids) - 1 : -1].float()
-    top = logits.topk(2, dim=-1)
-    for step, token in enumerate(got):
-        best, second = top.values[step].tolist()
-        if token == int(top.indices[step, 0]):
-            continue
-        assert best - second < FP32_TIE and token == int(top.indices[step, 1]), (
-            f"step {step}: chose {token}, reference best {int(top.indices[step, 0])} "
-            f"by a margin of {best - second:.4f}"
-        )
 
 
 def test_compiled_greedy_equals_transformers_alone(
@@ -175,6 +157,62 @@ def test_a_row_does_not_depend_on_its_batch_mates(fp32_engine: Engine) -> None:
         mask = compiled.decode_mask(positions[:rows], int(positions[:rows].max()), None, cpu)
         alone, _ = step(tokens[:rows], positions[:rows], mask, cache)
         assert (alone - together[:rows]).abs().max() < FP32_TIE
+
+
+def test_prompts_starting_from_held_positions_answer_as_generate(
+    fp32_engine: Engine, reference_model, tokenizer
+) -> None:
+    """Prefix reuse with the compiled step: a repeated prompt runs its last token as one
+    compiled decode step; the next turn of a conversation runs its new tokens over the held ones
+    (`transformers`' forward writing the compiled step's cache). Answers equal `generate`."""
+    recorder: Recorder = fp32_engine.backend.compiled  # type: ignore[assignment]
+    generator = fp32_engine.generator
+    ids = tokenizer(PROMPTS[4]).input_ids
+    first = run(fp32_engine, ids, 10, ignore_eos=True)
+    assert_fp32_golden(reference_model, ids, first)
+    before, calls = generator.reused_tokens, len(recorder.calls)
+    assert run(fp32_engine, ids, 10, ignore_eos=True) == first
+    assert generator.reused_tokens - before == len(ids) - 1
+    assert len(recorder.calls) - calls == 10  # the prompt's last token, then 9 decode steps
+    turn = ids + first + tokenizer(" Why?").input_ids
+    before = generator.reused_tokens
+    got = run(fp32_engine, turn, 12, ignore_eos=True)
+    assert generator.reused_tokens - before == len(ids) + len(first) - 1
+    assert_fp32_golden(reference_model, turn, got)
+
+
+def test_a_prompt_comes_back_from_a_prefix_row_of_the_compiled_cache(
+    fp32_engine: Engine, reference_model, tokenizer
+) -> None:
+    """The prefix rows with the compiled step's cache: a prompt parked there while another
+    takes its slot comes back as one compiled step, with the answer of `generate`."""
+    generator = fp32_engine.generator
+    a, b = (tokenizer(PROMPTS[i] + " " + PROMPTS[i - 1]).input_ids for i in (2, 6))
+    first = run(fp32_engine, a, 8, ignore_eos=True)
+    run(fp32_engine, b, 8, ignore_eos=True)
+    assert any(held[: len(a)] == a for held in generator._held[4:]), "a was not parked"
+    before = generator.reused_tokens
+    assert run(fp32_engine, a, 8, ignore_eos=True) == first
+    assert generator.reused_tokens - before == len(a) - 1
+    assert_fp32_golden(reference_model, a, first)
+
+
+def test_the_package_weights_are_held_once(fp32_engine: Engine) -> None:
+    """Loading copies the package's weights out of its library into tensors; the library's
+    pages that held them (as large as the weights: 538 MB in fp32) are dropped, and stay out
+    while the step runs."""
+    step = fp32_engine.backend.compiled.step  # type: ignore[union-attr]
+    assert step.libraries and step.released > 400 * 2**20
+    run(fp32_engine, [1, 2, 3, 4], 4)
+    resident = 0
+    mapping = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and ":" not in fields[0]:
+            mapping = fields[5] if len(fields) > 5 else None
+        elif fields[0] == "Rss:" and mapping in step.libraries:
+            resident += int(fields[1]) * 1024
+    assert resident < 64 * 2**20, resident
 
 
 def test_compiled_bf16_follows_the_margin_rule(

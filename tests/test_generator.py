@@ -241,11 +241,11 @@ def test_fault_in_a_model_step_fails_only_that_step(
     real_prefill = backend.prefill
     calls = []
 
-    def faulty_prefill(input_ids, seq_ids, want_prompt_logits=None):
+    def faulty_prefill(input_ids, seq_ids, *args):
         calls.append(seq_ids)
         if len(calls) == 1:
             raise ValueError("injected prefill fault")
-        return real_prefill(input_ids, seq_ids, want_prompt_logits)
+        return real_prefill(input_ids, seq_ids, *args)
 
     monkeypatch.setattr(backend, "prefill", faulty_prefill)
     first = engine.generator.submit(GenerationRequest(victim_ids, 5))

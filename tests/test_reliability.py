@@ -366,8 +366,10 @@ def test_a_prefill_fault_fails_only_the_requests_it_was_admitting(
     with ThreadPoolExecutor(1) as pool:
         streamed = pool.submit(stream)
         assert running.wait(60)
+        # A prompt no row holds: it goes through the mixed step (no prefix reuse).
         failed = client.post(
-            "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4}}
+            "/generate",
+            json={"inputs": "Hi, I am a new arrival", "parameters": {"max_new_tokens": 4}},
         )
         events = streamed.result(timeout=120)
     assert failed.status_code == 424 and failed.json["error_type"] == "generation"

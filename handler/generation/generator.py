@@ -7,6 +7,10 @@ backend: releases, admissions, then a prefill and a decode step, or one mixed st
 step fails, its prefill and its decode run again apart, so that a failure still fails only the
 requests it belongs to.
 
+Where the backend can (`ModelShape.prefix_reuse`), an admitted prompt whose first tokens some
+cache row holds starts after them (`handler/generation/prefix.py`): the generator keeps what each
+empty row holds, and a running row holds its prompt and its answer so far.
+
 Grammar masks of constrained rows are computed on a worker thread while the step's forward
 runs (`TokenSelector.prepare`), and applied when its logits arrive.
 
@@ -29,6 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from handler.errors import GenerationError, OverloadedError, UnavailableError
 from handler.generation.planner import Policy, SlotView, StepPlan, Waiting, plan
+from handler.generation.prefix import MIN_REUSE, Reuse, best_reuse, common_prefix, parking_row
 from handler.generation.request import (
     ErrorEvent,
     FinalEvent,
@@ -40,7 +45,7 @@ from handler.generation.request import (
 from handler.generation.sampling import Selection, TokenSelector
 from handler.generation.slots import Slot, SlotState
 from handler.generation.stopping import FinishReason, StoppingCriteria
-from handler.model.base import MixedBackend, ModelBackend, PrefillOutput
+from handler.model.base import MixedBackend, ModelBackend, PrefillOutput, PrefixBackend
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +79,11 @@ class Generator:
         on_step: Callable[[str, int, float], None] | None = None,
         max_waiting_tokens: int = 0,
         waiting_served_ratio: float = 0.0,
+        prefix_caching: bool = True,
     ) -> None:
         """`on_step(method, batch_size, seconds)` is called after each successful `prefill` or
-        `decode` step (metrics)."""
+        `decode` step (metrics). `prefix_caching`: start prompts after the positions a row
+        already holds, where the backend can (`ModelShape.prefix_reuse`)."""
         self.backend = backend
         self.tokenizer = tokenizer
         shape = backend.shape
@@ -103,6 +110,15 @@ class Generator:
         self.max_waiting_tokens = max_waiting_tokens
         self.waiting_served_ratio = waiting_served_ratio
         self._steps_since_prefill = 0
+        self.prefix_caching = prefix_caching and shape.prefix_reuse
+        self._held: list[list[int]] = [[] for _ in range(shape.batch_size + shape.prefix_rows)]
+        """Per empty slot and prefix row (`ModelShape.prefix_rows`, from `batch_size` on): the
+        tokens whose keys and values it holds from position 0."""
+        self._released: dict[int, int] = {}
+        """Per row, the `_releases` count when it was last released (least recently used)."""
+        self._releases = 0
+        self.reused_tokens = 0
+        """Prompt tokens not computed because their row held them (a running total)."""
 
     @property
     def policy(self) -> Policy:
@@ -213,12 +229,22 @@ class Generator:
             if slot.handle is not None and slot.handle.cancelled:  # cancelled since the plan
                 self._release(slot)
         prefill = [slot for slot in prefill if slot.state is SlotState.PREFILL]
+        reuse = self._reuse(prefill)
+        self._park(prefill, reuse)
         if step.mixed and prefill:
+            # Prompts starting from held positions run their own (short) prefill first.
+            if reuse:
+                self._prefill([slot for slot in prefill if slot.index in reuse], reuse)
+            fresh = [slot for slot in prefill if slot.index not in reuse]
             running = [self.slots[i] for i in step.decode]
-            self._mixed(prefill, [s for s in running if s.state is SlotState.DECODE])
+            running = [s for s in running if s.state is SlotState.DECODE]
+            if fresh:
+                self._mixed(fresh, running)
+            elif running:
+                self._decode(running)
             return step
         if prefill:
-            self._prefill(prefill)
+            self._prefill(prefill, reuse)
         decoding = [self.slots[i] for i in step.decode]
         decoding = [slot for slot in decoding if slot.state is SlotState.DECODE]
         if decoding:
@@ -261,7 +287,90 @@ class Generator:
         )
         slot.assign(handle, self.tokenizer, stopping, seed)
 
+    def _reuse(self, slots: list[Slot]) -> dict[int, Reuse]:
+        """Which of the admitted `slots` start from positions some row holds
+        (`handler/generation/prefix.py`): slot index -> where. The rows being admitted are
+        sources only for themselves (their copies all run before any of their prefills)."""
+        if not self.prefix_caching or not slots:
+            return {}
+        targets = {slot.index for slot in slots}
+        held = self._holdings(targets)
+        found: dict[int, Reuse] = {}
+        for slot in slots:
+            request = slot.request.request
+            # Every prompt position's logits are wanted; or a seeded draw, which repeats exactly
+            # only over the same computation (a held prefix's numbers differ in the last bits).
+            if request.decoder_input_details or request.params.seed is not None:
+                continue
+            own = {slot.index: self._held[slot.index]}
+            reuse = best_reuse(request.prompt_ids, slot.index, held | own)
+            if reuse is not None:
+                found[slot.index] = reuse
+        return found
+
+    def _park(self, slots: list[Slot], reuse: dict[int, Reuse]) -> None:
+        """Before the admitted `slots` overwrite their rows, move what each holds (unless it is
+        reused in place, or held elsewhere too) into a prefix row, or without prefix rows into
+        an idle slot (`parking_row`), that no admitted prompt copies from."""
+        if not self.prefix_caching:
+            return
+        targets = {slot.index for slot in slots}
+        # Rows being admitted are overwritten, and reuse sources are copied from after this.
+        sources = targets | {found.source for found in reuse.values()}
+        backend = cast(PrefixBackend, self.backend)
+        for slot in slots:
+            record = self._held[slot.index]
+            found = reuse.get(slot.index)
+            if len(record) < MIN_REUSE or (found is not None and found.source == slot.index):
+                continue
+            others = self._holdings(targets).values()
+            if any(common_prefix(record, held) == len(record) for held in others):
+                continue
+            # The prefix rows where there are any; else the idle slots.
+            rows = range(len(self.slots), len(self._held)) or range(len(self.slots))
+            idle = {
+                row: self._held[row]
+                for row in rows
+                if row not in sources
+                and (row >= len(self.slots) or self.slots[row].state is SlotState.EMPTY)
+            }
+            row = parking_row(idle, self._released)
+            if row is None:
+                return
+            try:
+                backend.copy_prefix(slot.index, row, len(record))
+            except Exception as exc:  # the holding is lost, nothing else
+                logger.warning("parking a held prefix failed: %s", exc)
+                self._held[row] = []
+                continue
+            self._held[row] = record
+            self._released[row] = self._released.get(slot.index, -1)
+            sources.add(row)  # not parked over again in this step
+
+    def _holdings(self, exclude: set[int]) -> dict[int, list[int]]:
+        """What every row but `exclude` holds (slots being admitted hold nothing yet), the
+        prefix rows included."""
+        holdings = {
+            s.index: self._holds(s)
+            for s in self.slots
+            if s.index not in exclude and s.state is not SlotState.PREFILL
+        }
+        for row in range(len(self.slots), len(self._held)):
+            holdings[row] = self._held[row]
+        return holdings
+
+    def _holds(self, slot: Slot) -> list[int]:
+        """The tokens whose keys and values `slot`'s row holds from position 0: a running
+        request's prompt and generated tokens (all but the last, not yet fed back), or what an
+        empty row kept."""
+        if slot.state is SlotState.DECODE:
+            return slot.request.request.prompt_ids + slot.generated[:-1]
+        return self._held[slot.index]
+
     def _release(self, slot: Slot) -> RequestHandle:
+        self._held[slot.index] = self._holds(slot)
+        self._releases += 1
+        self._released[slot.index] = self._releases
         self.selector.release(slot.index)
         handle = slot.release()
         with self._cond:
@@ -274,23 +383,35 @@ class Generator:
         logger.error("model %s step failed for %s", phase, ids, exc_info=exc)
         for slot in slots:
             handle = self._release(slot)
+            self._held[slot.index] = []  # the failed step may have written part of the row
             error = GenerationError(
                 f"Request failed during generation: the model's {phase} step raised "
                 f"{type(exc).__name__} (request {handle.request.request_id})"
             )
             handle.put(ErrorEvent(error))
 
-    def _prefill(self, slots: list[Slot]) -> None:
+    def _prefill(self, slots: list[Slot], reuse: dict[int, Reuse] | None = None) -> None:
+        """Prefill `slots`; those in `reuse` start from the positions it names (copied into
+        their rows first)."""
         requests = [slot.request.request for slot in slots]
         seq_ids = [slot.index for slot in slots]
+        reuse = reuse or {}
         started = time.monotonic()
         try:
             self.selector.prepare(seq_ids)
-            output = self.backend.prefill(
-                [r.prompt_ids for r in requests],
-                seq_ids,
-                [r.decoder_input_details for r in requests],
-            )
+            prompts = [r.prompt_ids for r in requests]
+            wanted = [r.decoder_input_details for r in requests]
+            if reuse:
+                backend = cast(PrefixBackend, self.backend)  # `shape.prefix_reuse` said it can
+                for slot in slots:
+                    found = reuse.get(slot.index)
+                    if found is not None and found.source != slot.index:
+                        backend.copy_prefix(found.source, slot.index, found.length)
+                cached = [reuse[i].length if i in reuse else 0 for i in seq_ids]
+                output = backend.prefill(prompts, seq_ids, wanted, cached)
+                self.reused_tokens += sum(cached)
+            else:
+                output = self.backend.prefill(prompts, seq_ids, wanted)
             selection = self.selector.select(output.logits, seq_ids)
         except Exception as exc:
             self._fail(slots, "prefill", exc)

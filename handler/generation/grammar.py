@@ -22,13 +22,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import llguidance
-import torch
-from transformers import PreTrainedTokenizerBase
 
 from handler.errors import ValidationError
 
 if TYPE_CHECKING:
+    import torch
     from llguidance._lib import JsonCompileOptions
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["Constraint", "GrammarCompiler", "compiler_for", "fill_masks"]
 

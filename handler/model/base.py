@@ -51,6 +51,12 @@ class ModelShape:
     `transformers`' modelling code runs op by op."""
     eager_reason: str | None = None
     """Why a torch backend's step is not compiled (None where it is, and on Neuron)."""
+    prefix_reuse: bool = False
+    """The backend is a `PrefixBackend`: a prompt may start from positions its row already holds
+    (`handler/generation/prefix.py`)."""
+    prefix_rows: int = 0
+    """Rows beyond the slots (`batch_size ..`) that only keep prefixes: `copy_prefix` reads and
+    writes them, no request runs in them."""
 
 
 @dataclass
@@ -109,4 +115,25 @@ class MixedBackend(ModelBackend, Protocol):
     ) -> tuple[torch.Tensor, PrefillOutput]:
         """`decode(input_ids, position_ids, seq_ids)` and `prefill(prompts, prompt_seq_ids,
         want_prompt_logits)` at once: `[n, vocab]` decode logits and the prefill's output."""
+        ...
+
+
+class PrefixBackend(ModelBackend, Protocol):
+    """A backend whose prefill can start after positions a row already holds
+    (`ModelShape.prefix_reuse`)."""
+
+    def copy_prefix(self, source: int, dest: int, length: int) -> None:
+        """Copy positions `0 .. length - 1` of row `source`'s keys and values into row `dest`
+        (rows from `batch_size` on are the `prefix_rows`)."""
+        ...
+
+    def prefill(
+        self,
+        input_ids: list[list[int]],
+        seq_ids: list[int],
+        want_prompt_logits: list[bool] | None = None,
+        cached: list[int] | None = None,
+    ) -> PrefillOutput:
+        """As `ModelBackend.prefill`; `cached[i]`: how many of prompt `i`'s first tokens row
+        `seq_ids[i]` already holds (their prompt logits are then not available)."""
         ...

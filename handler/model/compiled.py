@@ -330,13 +330,63 @@ class CompiledDecode:
     def __init__(self, package: Path, spec: PackageSpec) -> None:
         self.package = package
         self.spec = spec
+        before = _mapped_libraries()
         self._run = torch._inductor.aoti_load_package(str(package))
+        self.libraries = _mapped_libraries() - before
+        """The shared libraries loading the package mapped (its generated code)."""
+        self.released = _release_constant_pages(self.libraries)
+        """Bytes of those libraries' pages dropped after the load (`_release_constant_pages`)."""
+        logger.info("released %.0f MiB of the step's library pages", self.released / 2**20)
 
     def __call__(
         self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         logits, new = self._run(tokens, positions, mask, cache)
         return logits, new
+
+
+def _mapped_libraries() -> set[str]:
+    """Paths of the shared libraries this process maps (Linux; empty elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return set()
+    return {line.split(maxsplit=5)[5] for line in lines if line.endswith(".so")}
+
+
+def _release_constant_pages(libraries: set[str]) -> int:
+    """Drop the resident pages of `libraries`' large read-only mappings; return the bytes.
+
+    AOTInductor copies a package's weights out of its shared library into tensors when it loads
+    it, and the library's pages that held them stay resident (as much again as the weights)
+    though they are never read again. A clean private file mapping can always be dropped: a
+    page read later is read from the file again. Mappings with modified (anonymous) pages, such
+    as relocated data, are left alone."""
+    if not libraries or not sys.platform.startswith("linux"):
+        return 0
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    madv_dontneed = 4
+    released = 0
+    mapping: tuple[int, int, str] | None = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" not in fields[0]:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            path = fields[5] if len(fields) > 5 else ""
+            writable_or_exec = fields[1][1] == "w" or fields[1][2] == "x"
+            keep = path not in libraries or writable_or_exec or end - start < 2**20
+            mapping = None if keep else (start, end, path)
+        elif fields[0] == "Anonymous:" and mapping is not None and fields[1] == "0":
+            start, end, _ = mapping
+            if (
+                libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), madv_dontneed)
+                == 0
+            ):
+                released += end - start
+            mapping = None
+    return released
 
 
 def compile_root(compile_cache: str | None, hub_cache: str | None) -> Path:

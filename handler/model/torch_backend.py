@@ -109,7 +109,17 @@ class _MixedStep:
     """The cache whose rows the decode queries attend to."""
 
 
-_Step = _PrefillStep | _DecodeStep | _MixedStep
+@dataclass(frozen=True)
+class _ExtendStep:
+    """One prompt's tokens from `start` on, in row `row`, whose positions before `start` the row
+    already holds: they attend to those and, causally, to each other."""
+
+    row: int
+    start: int
+    length: int
+
+
+_Step = _PrefillStep | _DecodeStep | _MixedStep | _ExtendStep
 """How the current forward call maps onto cache rows and positions."""
 
 
@@ -359,6 +369,15 @@ class SlotKVCache(Cache):
         if isinstance(step, _DecodeStep):
             step.store(keys, values, key_states[:, :, 0], value_states[:, :, 0])
             return keys[step.rows, :, : step.kv_len], values[step.rows, :, : step.kv_len]
+        if isinstance(step, _ExtendStep):
+            end = step.start + step.length
+            keys[step.row, :, step.start : end] = key_states[0].to(keys.dtype)
+            values[step.row, :, step.start : end] = value_states[0].to(values.dtype)
+            held = slice(step.row, step.row + 1)
+            return (
+                keys[held, :, :end].to(key_states.dtype),
+                values[held, :, :end].to(value_states.dtype),
+            )
         prefill = step.prefill if isinstance(step, _MixedStep) else step
         # Packed prompts attend only to themselves: their states are stored, never read back.
         for row, start, length in prefill.segments:
@@ -380,11 +399,15 @@ class SlotKVCache(Cache):
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        if isinstance(self.step, _ExtendStep):
+            return self.step.start
         return self.step.kv_len - 1 if isinstance(self.step, _DecodeStep) else 0
 
     def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int) -> tuple[int, int]:
         if isinstance(self.step, _DecodeStep):
             return self.step.kv_len, 0
+        if isinstance(self.step, _ExtendStep):
+            return self.step.start + self.step.length, 0
         return cache_position.shape[0], 0
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
@@ -430,6 +453,9 @@ class TorchBackend:
             window if window and getattr(config, "use_sliding_window", True) else None
         )
         self.compiled: CompiledDecode | None = None
+        self.store: torch.Tensor | None = None
+        """The `prefix_rows` (`keep_prefixes`), `[layers, 2, rows, kv_heads, S, head_dim]` in
+        the cache's dtype, allocated at their first use."""
         self.kv: torch.Tensor | None = None
         """With the compiled step: the whole cache, `[layers, 2, slots, kv_heads, S,
         head_dim]`, whose layers are the `SlotKVCache`'s tensors."""
@@ -441,6 +467,7 @@ class TorchBackend:
             dtype=str(self.dtype).removeprefix("torch."),
             kv_cache_dtype=str(self.kv_dtype).removeprefix("torch."),
             mixed_steps=self.packed,
+            prefix_reuse=True,
         )
 
     def use_compiled(self, step: CompiledDecode | None, reason: str | None = None) -> None:
@@ -546,20 +573,123 @@ class TorchBackend:
         input_ids: list[list[int]],
         seq_ids: list[int],
         want_prompt_logits: list[bool] | None = None,
+        cached: list[int] | None = None,
     ) -> PrefillOutput:
         wanted = want_prompt_logits or [False] * len(input_ids)
-        last: list[torch.Tensor] = []
-        prompt_logits: list[torch.Tensor | None] = []
+        held = cached or [0] * len(input_ids)
+        fresh = [i for i, n in enumerate(held) if not n]
+        logits: list[torch.Tensor | None] = [None] * len(input_ids)
+        prompt_logits: list[torch.Tensor | None] = [None] * len(input_ids)
         limit = PACK_TOKENS if self.packed else 0
-        for pack in _packs([len(ids) for ids in input_ids], limit):
+        for pack in _packs([len(input_ids[i]) for i in fresh], limit):
+            pack = [fresh[j] for j in pack]
             hidden = self._prefill_pack([input_ids[i] for i in pack], [seq_ids[i] for i in pack])
             bounds = _bounds([len(input_ids[i]) for i in pack])
             pack_last, pack_logits = self._prompt_outputs(hidden, bounds, [wanted[i] for i in pack])
-            last.append(pack_last)
-            prompt_logits += pack_logits
+            for i, row, row_logits in zip(pack, self._logits(pack_last).cpu(), pack_logits):
+                logits[i], prompt_logits[i] = row, row_logits
+        extended = [i for i, n in enumerate(held) if n]
+        if extended:
+            rows = self._extend(
+                [input_ids[i] for i in extended],
+                [seq_ids[i] for i in extended],
+                [held[i] for i in extended],
+            )
+            for i, row in zip(extended, rows):
+                logits[i] = row
         return PrefillOutput(
-            logits=self._logits(torch.cat(last)).cpu(), prompt_logits=prompt_logits
+            logits=torch.stack([cast(torch.Tensor, row) for row in logits]),
+            prompt_logits=prompt_logits,
         )
+
+    def _extend(
+        self, input_ids: list[list[int]], seq_ids: list[int], starts: list[int]
+    ) -> torch.Tensor:
+        """Prompts whose rows hold their first `starts` positions: compute the rest. Prompts
+        with one token left run as one decode step (the compiled one where there is one); the
+        others each run a forward of their remaining tokens. Returns `[n, vocab]` fp32 logits of
+        the prompts' last positions (on the host)."""
+        out: list[torch.Tensor | None] = [None] * len(input_ids)
+        single = [
+            i for i, (ids, start) in enumerate(zip(input_ids, starts)) if len(ids) - start == 1
+        ]
+        if single:
+            decoded = self.decode(
+                torch.tensor([input_ids[i][-1] for i in single]),
+                torch.tensor([starts[i] for i in single]),
+                [seq_ids[i] for i in single],
+            )
+            for i, row in zip(single, decoded):
+                out[i] = row
+        for i, (ids, row, start) in enumerate(zip(input_ids, seq_ids, starts)):
+            if out[i] is None:
+                out[i] = self._logits(self._extend_one(ids, row, start)).cpu()
+        return torch.stack([cast(torch.Tensor, row) for row in out])
+
+    def _extend_one(self, input_ids: list[int], row: int, start: int) -> torch.Tensor:
+        """Run `input_ids[start:]` at positions `start ..` of `row`, attending to the row's held
+        positions; return the last position's hidden state `[hidden]`."""
+        tokens = torch.tensor(input_ids[start:], device=self.device)
+        positions = torch.arange(start, len(input_ids), device=self.device)
+        allowed = self._allowed(
+            positions[None],
+            len(input_ids),
+            torch.tensor([len(input_ids)], device=self.device),
+        )
+        self.cache.step = _ExtendStep(row, start, len(tokens))
+        _active.step = None
+        try:
+            hidden = self._forward(
+                tokens[None], positions[None], positions, _additive(allowed, self.dtype)
+            )
+        finally:
+            self.cache.step = None
+        return hidden[0, -1]
+
+    def keep_prefixes(self, rows: int) -> None:
+        """Add `rows` rows that only keep prefixes (`ModelShape.prefix_rows`). Call after
+        `use_compiled`, which sets the cache's dtype."""
+        self.shape = dataclasses.replace(self.shape, prefix_rows=rows)
+
+    def _row(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, views of the keys and values `[kv_heads, length, head_dim]` of row
+        `row`'s first positions (a slot's, or from `batch_size` on a prefix row's); none
+        before the eager cache's first write."""
+        slots = self.cache.batch_size
+        if row >= slots:
+            if self.store is None:
+                config = self.model.config
+                heads = config.num_attention_heads
+                head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+                shape = (
+                    self.cache.num_layers,
+                    2,
+                    self.shape.prefix_rows,
+                    config.num_key_value_heads,
+                    self.cache.sequence_length,
+                    head_dim,
+                )
+                self.store = _zeros(shape, self.kv_dtype, self.device)
+            return [
+                (layer[0, row - slots, :, :length], layer[1, row - slots, :, :length])
+                for layer in self.store
+            ]
+        if self.kv is not None:
+            return [(layer[0, row, :, :length], layer[1, row, :, :length]) for layer in self.kv]
+        pairs = zip(self.cache.keys, self.cache.values)
+        return [
+            (k[row, :, :length], v[row, :, :length])
+            for k, v in pairs
+            if k is not None and v is not None
+        ]
+
+    @torch.inference_mode()
+    def copy_prefix(self, source: int, dest: int, length: int) -> None:
+        for (keys, values), (from_keys, from_values) in zip(
+            self._row(dest, length), self._row(source, length), strict=True
+        ):
+            keys.copy_(from_keys)
+            values.copy_(from_values)
 
     def _prompt_outputs(
         self, hidden: torch.Tensor, bounds: list[tuple[int, int]], wanted: list[bool] | None

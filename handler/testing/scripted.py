@@ -1,6 +1,7 @@
 """A model backend and a tokenizer with no model behind them, for testing the scheduler.
 
-`ScriptedBackend` implements `ModelBackend` (and `MixedBackend` when asked): every row's next
+`ScriptedBackend` implements `ModelBackend` (and `MixedBackend` and `PrefixBackend` when asked):
+every row's next
 token follows a rule (by default the previous token plus one, skipping the end token), each call
 is recorded, and a test can make a call raise or run a callback (to cancel a request while its
 prefill runs, say). `ScriptedTokenizer` writes token i as one character, so texts are easy to
@@ -51,6 +52,9 @@ class Call:
     method: str
     decode: list[int] = field(default_factory=list)
     prefill: list[int] = field(default_factory=list)
+    cached: list[int] = field(default_factory=list)
+    """With prefix reuse, the positions each prefill row already held (`copy` calls: `[source,
+    dest, length]`)."""
 
 
 def _next_token(previous: int, vocab: int) -> int:
@@ -69,6 +73,8 @@ class ScriptedBackend:
         next_token: Callable[[int, list[int]], int] | None = None,
         logits: Callable[[list[int]], torch.Tensor] | None = None,
         prompt_logprobs: bool = True,
+        prefix_reuse: bool = False,
+        prefix_rows: int = 0,
     ) -> None:
         """`logits(slots)`, when given, answers every call instead of the script (`[n,
         vocab]`, with nothing recorded of the rows: a forward that costs nothing)."""
@@ -80,6 +86,8 @@ class ScriptedBackend:
             "float32",
             mixed_steps=mixed_steps,
             prompt_logprobs=prompt_logprobs,
+            prefix_reuse=prefix_reuse,
+            prefix_rows=prefix_rows,
         )
         self.next_token = next_token or (lambda _slot, ids: _next_token(ids[-1], vocab_size))
         self.given = logits
@@ -124,9 +132,24 @@ class ScriptedBackend:
         input_ids: list[list[int]],
         seq_ids: list[int],
         want_prompt_logits: list[bool] | None = None,
+        cached: list[int] | None = None,
     ) -> PrefillOutput:
-        self._enter(Call("prefill", prefill=list(seq_ids)))
+        held = cached or [0] * len(seq_ids)
+        if any(held):
+            assert self.shape.prefix_reuse, "prefix reuse asked of a backend without it"
+        self._enter(Call("prefill", prefill=list(seq_ids), cached=list(held) if any(held) else []))
+        for prompt, slot, n in zip(input_ids, seq_ids, held, strict=True):
+            # As strict as a real cache: the row must hold exactly what is claimed.
+            row = self.rows.get(slot, [])
+            assert n < len(prompt) and row[:n] == prompt[:n] and len(row) >= n, (slot, n)
         return self._fill(input_ids, seq_ids)
+
+    def copy_prefix(self, source: int, dest: int, length: int) -> None:
+        rows = self.shape.batch_size + self.shape.prefix_rows
+        assert self.shape.prefix_reuse and source < rows and dest < rows, (source, dest)
+        assert length <= len(self.rows[source]), (source, length)
+        self._enter(Call("copy", cached=[source, dest, length]))
+        self.rows[dest] = self.rows[source][:length]
 
     def decode(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_ids: list[int]

@@ -482,22 +482,8 @@ class TorchBackend:
             logger.warning("decode runs eagerly (transformers' modelling code): %s", reason)
             self.shape = dataclasses.replace(self.shape, eager_reason=reason)
             return
-        config = self.model.config
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        self.kv = _zeros(
-            (
-                self.cache.num_layers,
-                2,
-                self.cache.batch_size,
-                config.num_key_value_heads,
-                self.cache.sequence_length,
-                head_dim,
-            ),
-            self.dtype,
-            self.device,
-        )
         self.cache.dtype = self.kv_dtype = self.dtype
+        self.kv = self._rows_tensor(self.cache.batch_size)
         self.cache.keys = list(self.kv[:, 0].unbind(0))
         self.cache.values = list(self.kv[:, 1].unbind(0))
         self.compiled = step
@@ -651,6 +637,15 @@ class TorchBackend:
         `use_compiled`, which sets the cache's dtype."""
         self.shape = dataclasses.replace(self.shape, prefix_rows=rows)
 
+    def _rows_tensor(self, rows: int) -> torch.Tensor:
+        """Zeroed keys and values for `rows` cache rows, `[layers, 2, rows, kv_heads, S,
+        head_dim]` in the cache's dtype, committed as they are written (`_zeros`)."""
+        config = self.model.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        shape = (self.cache.num_layers, 2, rows, config.num_key_value_heads)
+        return _zeros((*shape, self.cache.sequence_length, head_dim), self.kv_dtype, self.device)
+
     def _row(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, views of the keys and values `[kv_heads, length, head_dim]` of row
         `row`'s first positions (a slot's, or from `batch_size` on a prefix row's); none
@@ -658,18 +653,7 @@ class TorchBackend:
         slots = self.cache.batch_size
         if row >= slots:
             if self.store is None:
-                config = self.model.config
-                heads = config.num_attention_heads
-                head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-                shape = (
-                    self.cache.num_layers,
-                    2,
-                    self.shape.prefix_rows,
-                    config.num_key_value_heads,
-                    self.cache.sequence_length,
-                    head_dim,
-                )
-                self.store = _zeros(shape, self.kv_dtype, self.device)
+                self.store = self._rows_tensor(self.shape.prefix_rows)
             return [
                 (layer[0, row - slots, :, :length], layer[1, row - slots, :, :length])
                 for layer in self.store

@@ -8,6 +8,8 @@ through the compiled step in tests/test_architectures.py.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +21,8 @@ import torch
 from handler import engine as engine_module
 from handler.config import read_settings
 from handler.engine import Engine
-from handler.generation.request import GenerationRequest
+from handler.errors import GenerationError
+from handler.generation.request import GenerationRequest, collect
 from handler.model import compiled
 from tests.conftest import (
     FP32_TIE,
@@ -159,10 +162,39 @@ def test_a_row_does_not_depend_on_its_batch_mates(fp32_engine: Engine) -> None:
         assert (alone - together[:rows]).abs().max() < FP32_TIE
 
 
+def test_the_step_lets_other_threads_run(fp32_engine: Engine) -> None:
+    """The CPU step runs without the GIL (`compiled._Library`): a Python thread keeps running
+    during it. (Holding the GIL, the thread would run only between steps: a few times each.)"""
+    step = fp32_engine.backend.compiled.step  # type: ignore[union-attr]
+    cache = fp32_engine.backend.kv
+    positions = torch.tensor([300, 200, 250, 100])
+    mask = compiled.decode_mask(positions, 300, None, torch.device("cpu"))
+    tokens = torch.tensor([1, 2, 3, 4])
+    spins, done = [0], threading.Event()
+
+    def spin() -> None:
+        while not done.is_set():
+            spins[0] += 1
+            time.sleep(0)
+
+    thread = threading.Thread(target=spin)
+    with torch.inference_mode():
+        step(tokens, positions, mask, cache)
+        thread.start()
+        time.sleep(0.01)
+        before = spins[0]
+        for _ in range(5):
+            step(tokens, positions, mask, cache)
+        during = spins[0] - before
+    done.set()
+    thread.join()
+    assert during > 100, during
+
+
 def test_prompts_starting_from_held_positions_answer_as_generate(
     fp32_engine: Engine, reference_model, tokenizer
 ) -> None:
-    """Prefix reuse with the compiled step: a repeated prompt runs its last token as one
+    """Prefix reuse with the compiled step: a repeated prompt runs its last token as a row of a
     compiled decode step; the next turn of a conversation runs its new tokens over the held ones
     (`transformers`' forward writing the compiled step's cache). Answers equal `generate`."""
     recorder: Recorder = fp32_engine.backend.compiled  # type: ignore[assignment]
@@ -179,6 +211,29 @@ def test_prompts_starting_from_held_positions_answer_as_generate(
     got = run(fp32_engine, turn, 12, ignore_eos=True)
     assert generator.reused_tokens - before == len(ids) + len(first) - 1
     assert_fp32_golden(reference_model, turn, got)
+
+
+def test_a_prompt_held_by_a_running_row_joins_its_decode_step(
+    fp32_engine: Engine, reference_model, tokenizer
+) -> None:
+    """A prompt that a running request's row holds (but its last token) copies the held
+    positions and runs its last token as a row of the running request's compiled decode step.
+    Both answers equal `generate`."""
+    recorder: Recorder = fp32_engine.backend.compiled  # type: ignore[assignment]
+    generator = fp32_engine.generator
+    ids = tokenizer(PROMPTS[3] + " " + PROMPTS[1]).input_ids
+    running = generator.submit(GenerationRequest(ids, 30, ignore_eos=True))
+    events = running.events(timeout=300)
+    started = [next(events) for _ in range(3)]  # running: its row holds the prompt
+    before, calls = generator.reused_tokens, len(recorder.calls)
+    joining = run(fp32_engine, ids, 8, ignore_eos=True)
+    rest, _ = collect(events, GenerationError("unfinished"))
+    first = [e.token.id for e in started + rest]  # type: ignore[union-attr]
+    assert generator.reused_tokens - before == len(ids) - 1
+    assert_fp32_golden(reference_model, ids, first)
+    assert_fp32_golden(reference_model, ids, joining)
+    # The joining request's 8 tokens came from 8 steps shared with the running request.
+    assert sum(decoded == 2 for _, _, decoded in recorder.calls[calls:]) == 8
 
 
 def test_a_prompt_comes_back_from_a_prefix_row_of_the_compiled_cache(

@@ -248,7 +248,9 @@ def test_fault_in_a_model_step_fails_only_that_step(
         return real_prefill(input_ids, seq_ids, *args)
 
     monkeypatch.setattr(backend, "prefill", faulty_prefill)
-    first = engine.generator.submit(GenerationRequest(victim_ids, 5))
+    # A prompt no row holds (a held one but its last token would join a decode step instead).
+    fresh = tokenizer("A prompt that no earlier request in this module sent.").input_ids
+    first = engine.generator.submit(GenerationRequest(fresh, 5))
     events = list(first.events(timeout=60))
     assert isinstance(events[-1], ErrorEvent) and events[-1].error.status == 424
     after = tokenizer(PROMPTS[5]).input_ids

@@ -65,11 +65,13 @@ def test_a_repeated_prompt_starts_from_its_row_and_answers_the_same() -> None:
     ids = prompt(20)
     first = generator.submit(GenerationRequest(ids, 3))
     run_all(generator)
+    seen = len(backend.calls)
     again = generator.submit(GenerationRequest(ids, 3))
     run_all(generator)
     assert answer(again) == answer(first)
-    prefills = [c for c in backend.calls if c.method == "prefill"]
-    assert prefills == [Call("prefill", prefill=[0]), Call("prefill", prefill=[0], cached=[19])]
+    # The row holds all the prompt but its last token: that token is a row of the decode step,
+    # whose logits choose the first new token; no prefill runs.
+    assert backend.calls[seen:] == [Call("decode", decode=[0])] * 3
     assert generator.reused_tokens == 19
 
 
@@ -103,7 +105,8 @@ def test_a_running_request_lends_its_prefix_to_another_row() -> None:
 
 def test_prompts_admitted_together_are_not_sources_for_each_other() -> None:
     """Row 0 holds the prompt; two requests for it are admitted into rows 0 and 1 at once: row
-    0 starts from its own positions, row 1 computes the prompt (row 0 is being written)."""
+    0 starts from its own positions (joining the decode step), row 1 computes the prompt (row 0
+    is being written)."""
     backend, generator = reusing()
     ids = prompt(20)
     generator.submit(GenerationRequest(ids, 3))
@@ -112,7 +115,7 @@ def test_prompts_admitted_together_are_not_sources_for_each_other() -> None:
         generator.submit(GenerationRequest(ids, 3))
         generator.submit(GenerationRequest(ids, 3))
     generator.step()
-    assert backend.calls[-2] == Call("prefill", prefill=[0, 1], cached=[19, 0])
+    assert backend.calls[-2:] == [Call("prefill", prefill=[1]), Call("decode", decode=[0, 1])]
 
 
 def test_no_reuse_for_prompt_logprobs_when_off_or_after_a_failed_step() -> None:
@@ -140,8 +143,8 @@ def test_no_reuse_for_prompt_logprobs_when_off_or_after_a_failed_step() -> None:
     generator.submit(GenerationRequest(ids, 3))
     run_all(generator)
     # The failed step's row 0 is forgotten; the copy parked in row 3 before it serves instead.
-    copy, prefill = [c for c in backend.calls if c.method != "decode"][-2:]
-    assert copy == Call("copy", cached=[3, 0, 19]) and prefill.cached == [19]
+    copy = max(i for i, c in enumerate(backend.calls) if c.method == "copy")
+    assert backend.calls[copy:] == [Call("copy", cached=[3, 0, 19])] + [Call("decode", [0])] * 3
 
     off = ScriptedBackend(sequence_length=128, prefix_reuse=True)
     generator = scripted_generator(off, prefix_caching=False)
@@ -162,7 +165,7 @@ def test_a_row_about_to_be_overwritten_parks_its_holding_in_an_idle_row() -> Non
     moves = [c.cached for c in backend.calls if c.method == "copy"]
     # b parks a's 22 held tokens in row 3; a's return parks b in row 2, then copies a back.
     assert moves == [[0, 3, 22], [0, 2, 22], [3, 0, 19]]
-    assert [c.cached for c in backend.calls if c.method == "prefill"] == [[], [], [19]]
+    assert [c.prefill for c in backend.calls if c.method == "prefill"] == [[0], [0]]
 
 
 def test_with_every_slot_busy_holdings_park_in_the_prefix_rows() -> None:
@@ -178,7 +181,7 @@ def test_with_every_slot_busy_holdings_park_in_the_prefix_rows() -> None:
     # b parks a in row 2, c parks b in row 1. When a returns, row 2 (a, the least recently
     # released) is the one it copies from, so c evicts b from row 1 instead.
     assert moves == [[0, 2, 22], [0, 1, 22], [0, 1, 22], [2, 0, 19]]
-    assert [call.cached for call in backend.calls if call.method == "prefill"][-1] == [19]
+    assert backend.calls[-4:] == [Call("copy", cached=[2, 0, 19])] + [Call("decode", [0])] * 3
 
 
 def test_with_mixed_steps_a_reusing_prompt_runs_its_own_prefill_first() -> None:
@@ -186,7 +189,7 @@ def test_with_mixed_steps_a_reusing_prompt_runs_its_own_prefill_first() -> None:
     ids = prompt(20)
     generator.submit(GenerationRequest(ids, 10))
     generator.step()
-    reuse = generator.submit(GenerationRequest([*ids[:18], 9], 3))
+    reuse = generator.submit(GenerationRequest([*ids[:18], 9, 9], 3))
     fresh = generator.submit(GenerationRequest(prompt(12, first=30), 3))
     generator.step()
     assert backend.calls[-3:] == [
@@ -196,6 +199,28 @@ def test_with_mixed_steps_a_reusing_prompt_runs_its_own_prefill_first() -> None:
     ]
     run_all(generator)
     assert len(answer(reuse)) == 3 and len(answer(fresh)) == 3
+
+
+def test_a_prompt_held_but_its_last_token_joins_the_decode_step() -> None:
+    """Its last prompt token runs as a row of the running requests' decode step (of the
+    mixed step's decode rows), not as a prefill of its own."""
+    for mixed in (False, True):
+        backend, generator = reusing(mixed_steps=mixed)
+        ids = prompt(20)
+        running = generator.submit(GenerationRequest(ids, 10))
+        generator.step()
+        generator.step()
+        joining = generator.submit(GenerationRequest(ids, 3))
+        if mixed:
+            fresh = generator.submit(GenerationRequest(prompt(12, first=30), 3))
+        generator.step()
+        last = Call("mixed", decode=[0, 1], prefill=[2]) if mixed else Call("decode", [0, 1])
+        assert backend.calls[-2:] == [Call("copy", cached=[0, 1, 19]), last]
+        run_all(generator)
+        assert len(answer(joining)) == 3 and len(answer(running)) == 10
+        if mixed:
+            assert len(answer(fresh)) == 3
+        assert generator.reused_tokens == 19
 
 
 # --- answers against `generate` (eager fp32; mixed steps on) ----------------------------------

@@ -9,7 +9,9 @@ requests it belongs to.
 
 Where the backend can (`ModelShape.prefix_reuse`), an admitted prompt whose first tokens some
 cache row holds starts after them (`handler/generation/prefix.py`): the generator keeps what each
-empty row holds, and a running row holds its prompt and its answer so far.
+empty row holds, and a running row holds its prompt and its answer so far. A prompt held all but
+its last token (a repeated prompt) skips the prefill: that token runs as a row of the step's
+decode (`_join`), so admitting it costs the running requests nothing.
 
 Grammar masks of constrained rows are computed on a worker thread while the step's forward
 runs (`TokenSelector.prepare`), and applied when its logits arrive.
@@ -231,13 +233,16 @@ class Generator:
         prefill = [slot for slot in prefill if slot.state is SlotState.PREFILL]
         reuse = self._reuse(prefill)
         self._park(prefill, reuse)
+        joining = self._join(prefill, reuse)
+        prefill = [slot for slot in prefill if slot.state is SlotState.PREFILL]
         if step.mixed and prefill:
             # Prompts starting from held positions run their own (short) prefill first.
-            if reuse:
-                self._prefill([slot for slot in prefill if slot.index in reuse], reuse)
+            held = [slot for slot in prefill if slot.index in reuse]
+            if held:
+                self._prefill(held, reuse)
             fresh = [slot for slot in prefill if slot.index not in reuse]
             running = [self.slots[i] for i in step.decode]
-            running = [s for s in running if s.state is SlotState.DECODE]
+            running = [s for s in running if s.state is SlotState.DECODE] + joining
             if fresh:
                 self._mixed(fresh, running)
             elif running:
@@ -246,7 +251,7 @@ class Generator:
         if prefill:
             self._prefill(prefill, reuse)
         decoding = [self.slots[i] for i in step.decode]
-        decoding = [slot for slot in decoding if slot.state is SlotState.DECODE]
+        decoding = [slot for slot in decoding if slot.state is SlotState.DECODE]  # joining's too
         if decoding:
             self._decode(decoding)
         return step
@@ -308,6 +313,29 @@ class Generator:
                 found[slot.index] = reuse
         return found
 
+    def _join(self, slots: list[Slot], reuse: dict[int, Reuse]) -> list[Slot]:
+        """The admitted `slots` whose rows will hold all their prompt but its last token once
+        the held positions are copied: they copy them and move on to decoding, so that their last
+        prompt token runs as a row of this step's decode (which chooses their first token)
+        instead of a forward of its own. Returns them, in the `DECODE` state."""
+        joining: list[Slot] = []
+        for slot in slots:
+            found = reuse.get(slot.index)
+            if found is None or found.length != len(slot.request.request.prompt_ids) - 1:
+                continue
+            try:
+                if found.source != slot.index:
+                    cast(PrefixBackend, self.backend).copy_prefix(
+                        found.source, slot.index, found.length
+                    )
+            except Exception as exc:
+                self._fail([slot], "prefill", exc)
+                continue
+            self.reused_tokens += found.length
+            slot.prefilled()
+            joining.append(slot)
+        return joining
+
     def _park(self, slots: list[Slot], reuse: dict[int, Reuse]) -> None:
         """Before the admitted `slots` overwrite their rows, move what each holds (unless it is
         reused in place, or held elsewhere too) into a prefix row, or without prefix rows into
@@ -361,10 +389,11 @@ class Generator:
 
     def _holds(self, slot: Slot) -> list[int]:
         """The tokens whose keys and values `slot`'s row holds from position 0: a running
-        request's prompt and generated tokens (all but the last, not yet fed back), or what an
-        empty row kept."""
+        request's prompt and generated tokens but the last one, not yet fed back (a prompt that
+        joined the decode step (`_join`) before its first step: all but its last token), or
+        what an empty row kept."""
         if slot.state is SlotState.DECODE:
-            return slot.request.request.prompt_ids + slot.generated[:-1]
+            return (slot.request.request.prompt_ids + slot.generated)[:-1]
         return self._held[slot.index]
 
     def _release(self, slot: Slot) -> RequestHandle:
@@ -432,8 +461,16 @@ class Generator:
 
     @staticmethod
     def _last_tokens(slots: list[Slot]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode inputs: `[n]` last token of each slot, `[n]` its position."""
-        input_ids = torch.tensor([slot.generated[-1] for slot in slots], dtype=torch.long)
+        """Decode inputs: `[n]` last token of each slot (a joining prompt's own last token,
+        `_join`), `[n]` its position."""
+        last = [slot.generated[-1] if slot.generated else None for slot in slots]
+        input_ids = torch.tensor(
+            [
+                token if token is not None else slot.request.request.prompt_ids[-1]
+                for slot, token in zip(slots, last)
+            ],
+            dtype=torch.long,
+        )
         positions = torch.tensor([slot.total_tokens - 1 for slot in slots], dtype=torch.long)
         return input_ids, positions
 

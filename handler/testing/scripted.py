@@ -121,10 +121,17 @@ class ScriptedBackend:
                 self.rows[slot] = list(prompt)
         return PrefillOutput(self._logits(seq_ids), [None] * len(seq_ids))
 
-    def _advance(self, input_ids: torch.Tensor, seq_ids: list[int]) -> torch.Tensor:
+    def _advance(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_ids: list[int]
+    ) -> torch.Tensor:
         if self.given is None:
-            for token, slot in zip(input_ids.tolist(), seq_ids, strict=True):
-                self.rows[slot].append(token)
+            for token, position, slot in zip(
+                input_ids.tolist(), position_ids.tolist(), seq_ids, strict=True
+            ):
+                # As strict as a real cache: the row holds every position before this one
+                # (those after it, left by an earlier request, are overwritten or unread).
+                assert len(self.rows[slot]) >= position, (slot, position, len(self.rows[slot]))
+                self.rows[slot][position:] = [token]
         return self._logits(seq_ids)
 
     def prefill(
@@ -155,7 +162,7 @@ class ScriptedBackend:
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, seq_ids: list[int]
     ) -> torch.Tensor:
         self._enter(Call("decode", decode=list(seq_ids)))
-        return self._advance(input_ids, seq_ids)
+        return self._advance(input_ids, position_ids, seq_ids)
 
     def mixed(
         self,
@@ -167,7 +174,7 @@ class ScriptedBackend:
         want_prompt_logits: list[bool] | None = None,
     ) -> tuple[torch.Tensor, PrefillOutput]:
         self._enter(Call("mixed", decode=list(seq_ids), prefill=list(prompt_seq_ids)))
-        return self._advance(input_ids, seq_ids), self._fill(prompts, prompt_seq_ids)
+        return self._advance(input_ids, position_ids, seq_ids), self._fill(prompts, prompt_seq_ids)
 
 
 def scripted_generator(backend: ScriptedBackend | None = None, **options: Any) -> Generator:

@@ -125,7 +125,9 @@ def test_a_model_fault_names_its_type_not_its_message(
         raise ValueError(f"device fault while computing {PROMPT!r}")
 
     monkeypatch.setattr(engine.backend, "prefill", broken)
-    response = client_for(engine).post("/generate", json={"inputs": PROMPT})
+    # Not a prompt sent before: a row holding all of it but its last token would run that
+    # token in a decode step instead of a prefill.
+    response = client_for(engine).post("/generate", json={"inputs": f"{PROMPT}, once more"})
     assert response.status_code == 424
     assert "prefill step raised ValueError" in response.json["error"]
     assert MARKER not in response.text and "Traceback" not in response.text

@@ -118,6 +118,8 @@ class Options:
     """Paired measurements per server for targets 1, 3 and 4 (see `paired_runs`)."""
     dtype: str | None
     """Our server's and the ceiling's dtype; None: the server's default."""
+    quantize: str | None = None
+    """Our server's `QUANTIZE` (weight-only int8 in its compiled step); None: off."""
     quiet_cores: float
     """Other processes' CPU use (cores) under which the machine counts as quiet."""
     quiet_timeout_s: float
@@ -328,7 +330,9 @@ def compiled_bare_step_ms(
         options.model_dir, batch, options.max_total_tokens, dtype=short
     )
     model_path = str(Path(options.model_dir).resolve())
-    spec = compiled.PackageSpec(model_path, short, "cpu", batch, options.max_total_tokens)
+    spec = compiled.PackageSpec(
+        model_path, short, "cpu", batch, options.max_total_tokens, options.quantize
+    )
     root = compile_cache / COMPILE_CACHE_ENV["TORCH_COMPILE_CACHE"]
     prepared = compiled.prepare(spec, root, backend.model.config)
     if prepared.step is None:
@@ -357,6 +361,7 @@ def bench_ours(options: Options, batch: int, work: Path) -> dict[str, Any]:
     levels_here = levels_for(options, batch)
     primary = batch == min(options.batch_sizes)
     cache = work / f"{name}-compile-cache"
+    quantized = {"QUANTIZE": options.quantize} if options.quantize else {}
 
     def start(extra_env: dict[str, str], log_name: str) -> Callable[[], ServerProcess]:
         return lambda: start_ours(
@@ -365,7 +370,7 @@ def bench_ours(options: Options, batch: int, work: Path) -> dict[str, Any]:
             options.max_total_tokens,
             work,
             dtype=options.dtype,
-            extra_env=extra_env,
+            extra_env={**quantized, **extra_env},
             log_name=log_name,
         )
 
@@ -378,6 +383,7 @@ def bench_ours(options: Options, batch: int, work: Path) -> dict[str, Any]:
     first.stop()
     if primary:
         eager_env = {**compile_cache_env(work / f"{name}-eager-cache"), **EAGER_ENV}
+        eager_env["QUANTIZE"] = ""  # the eager step is never quantized
         eager, startup["eager"] = timed_start(
             options, f"{name}: eager start ({EAGER_ENV})", start(eager_env, f"{name}-eager")
         )
@@ -428,7 +434,7 @@ def bench_ours(options: Options, batch: int, work: Path) -> dict[str, Any]:
     runs = [*levels, *([arrivals] if arrivals else [])]
     memory = reporting.model_memory(options.model_dir, info["dtype"], info.get("kv_cache_dtype"))
     return {
-        "label": f"ours, batch {batch}",
+        "label": f"ours, batch {batch}" + (f", {options.quantize} weights" if quantized else ""),
         "family": "ours",
         "batch_size": batch,
         "slots": batch,
@@ -687,6 +693,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, Path, Path | None]:
         help="paired bare/ours measurements per server for targets 1 and 3; default 3",
     )
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (server default otherwise)")
+    parser.add_argument(
+        "--quantize", choices=["int8"], default=None, help="our server's QUANTIZE (default off)"
+    )
     parser.add_argument("--quiet-cores", type=float, default=0.15)
     parser.add_argument("--quiet-timeout", type=float, default=None, help="default 120 s")
     parser.add_argument(
@@ -739,6 +748,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, Path, Path | None]:
         ceiling_repeats=pick(args.ceiling_repeats, 2, 1),
         pairs=pick(args.pairs, 3, 1),
         dtype=args.dtype,
+        quantize=args.quantize,
         quiet_cores=args.quiet_cores,
         quiet_timeout_s=pick(args.quiet_timeout, 120.0, 10.0),
         retries=pick(args.retries, 2, 0),

@@ -41,6 +41,7 @@ DTYPE_ALIASES = {
 BACKENDS = ("auto", "torch", "neuron")
 SERVING_STACKS = ("gunicorn", "mms")
 DEVICES = ("auto", "cpu", "cuda")
+QUANTIZE_METHODS = ("int8",)
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_TOTAL_TOKENS = 4096
 
@@ -510,6 +511,16 @@ class Settings:
         env=("TORCH_COMPILE",),
         parse=_bool,
     )
+    quantize: str | None = option(
+        None,
+        "`int8`: the torch backend's compiled decode step on CPU reads weight-only int8 weights "
+        "(symmetric, one scale per output channel; prompts and any eager step keep the model's "
+        "dtype). Half the bytes read per token: faster at small batches, slower at large ones "
+        "(`make bench`). TGI's GPU methods (awq, gptq, bitsandbytes...) are refused.",
+        flags=("--quantize",),
+        env=("QUANTIZE", "HF_MODEL_QUANTIZE"),
+        parse=_choice(QUANTIZE_METHODS),
+    )
     prefix_caching: bool = option(
         True,
         "Start a prompt from the positions a KV cache row already holds of its first tokens "
@@ -771,6 +782,18 @@ def _derive(
             f"{named('max_batch_prefill_tokens')} is smaller than max_input_tokens={max_input}: "
             f"the longest allowed prompt could never be prefilled; raise MAX_BATCH_PREFILL_TOKENS"
         )
+    if values.get("quantize"):
+        if values.get("torch_compile") is False:
+            problems.append(
+                f"{named('quantize')} quantizes the torch backend's compiled decode step, which "
+                f"{named('torch_compile')} turns off: unset one of them"
+            )
+        if values.get("backend") == "neuron" or values.get("device") == "cuda":
+            which = "backend" if values.get("backend") == "neuron" else "device"
+            problems.append(
+                f"{named('quantize')} is the torch backend's on CPU, not {named(which)}'s: "
+                "unset QUANTIZE"
+            )
     if values.get("serving_stack") == "mms" and values.get("model_server_workers", 1) != 1:
         problems.append(
             f"{named('model_server_workers')}: each MMS worker is a process that loads its own "

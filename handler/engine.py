@@ -134,6 +134,10 @@ def build_torch_engine(
     step from the cache) unless `torch_compile` is off, and start the scheduler thread.
     `model_id` and `model_sha` are what `/info` reports (default: the directory name, none)."""
     device = torch_device(settings.device)
+    if settings.quantize and device != "cpu":
+        raise ConfigError(
+            f"QUANTIZE={settings.quantize} is the torch backend's on CPU, not {device}"
+        )
     dtype = torch_dtype(settings, device)
     backend = TorchBackend.from_pretrained(
         model_path,
@@ -151,10 +155,15 @@ def build_torch_engine(
             device,
             settings.max_batch_size,
             settings.max_total_tokens,
+            settings.quantize,
         )
         root = compiled.compile_root(settings.compile_cache, settings.hub_cache)
         prepared = compiled.prepare(spec, root, backend.model.config)
-        backend.use_compiled(prepared.step, prepared.reason)
+        reason = prepared.reason
+        if reason and settings.quantize:
+            reason += f"; QUANTIZE={settings.quantize} quantizes the compiled step only: the "
+            reason += f"weights stay {dtype}"
+        backend.use_compiled(prepared.step, reason)
     else:
         backend.use_compiled(None, "the compiled step is off (TORCH_COMPILE=false)")
     if settings.prefix_caching:

@@ -14,14 +14,17 @@ current token) are symbolic, `1 <= b <= slots` and `1 <= L < sequence_length`; e
 and returns the new keys and values, `[layers, 2, b, kv_heads, head_dim]`; the backend writes
 them with one indexed copy, so the compiled code mutates nothing.
 
+With `QUANTIZE=int8` the products read weight-only int8 weights (one scale per output channel,
+through aten's int8 kernel): half the bytes per token, faster at a batch of a few rows and slower
+at large batches, where the bf16 products' kernels are the better ones (`make bench`).
+
 Packages are built in a child process (`python -m handler.model.compiled`) so that the server's
 own process never holds the compiler's memory, and a compiler crash costs only the compiled path.
-On CPU the package's library runs through its C interface (`_Library`), which releases the GIL
-for the step: the server's other threads stream tokens while it runs.
 They are kept under `compile_root(settings)` by a key of everything the generated code depends
 on; a restart loads the package in well under a second. Architectures outside the family, and
 any failure to build or load, leave the backend on `transformers`' step (logged, and `/info`
-says why).
+says why). On CPU the package's library runs through its C interface (`_Library`), which
+releases the GIL for the step: the server's other threads stream tokens while it runs.
 """
 
 from __future__ import annotations
@@ -107,17 +110,50 @@ def _frozen_bias(*parts: torch.Tensor | None) -> torch.nn.Parameter | None:
     return _frozen(*present) if len(present) == len(parts) else None
 
 
+def _weights(
+    quantize: str | None, *parts: torch.Tensor
+) -> tuple[torch.nn.Parameter, torch.nn.Parameter | None]:
+    """A linear's weight `[out, in]` (`parts` concatenated) and, quantized to int8, its scales
+    `[out]` in the weight's dtype: `weight ~ int8 * scale[:, None]`, symmetric per output
+    channel. Without `quantize`: the weight as it is and None."""
+    weight = _frozen(*parts)
+    if quantize is None:
+        return weight, None
+    w = weight.detach().float()
+    scale = w.abs().amax(1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return _frozen(q), _frozen(scale.to(weight.dtype))
+
+
+def _linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`x [n, in] @ weight.T (+ bias)`; an int8 weight (`scale` given) through aten's weight-only
+    int8 product (dequantized inside the kernel)."""
+    if scale is None:
+        return F.linear(x, weight, bias)
+    y = torch.ops.aten._weight_int8pack_mm(x, weight, scale)
+    return y if bias is None else y + bias
+
+
 class _LeanLayer(torch.nn.Module):
     """One decoder layer's weights, q/k/v and gate/up concatenated; biases are None where the
-    model has none."""
+    model has none, scales are None unless the weights are int8 (`_weights`)."""
 
     qkv: torch.nn.Parameter
+    qkv_scale: torch.nn.Parameter | None
     qkv_bias: torch.nn.Parameter | None
     o: torch.nn.Parameter
+    o_scale: torch.nn.Parameter | None
     o_bias: torch.nn.Parameter | None
     gate_up: torch.nn.Parameter
+    gate_up_scale: torch.nn.Parameter | None
     gate_up_bias: torch.nn.Parameter | None
     down: torch.nn.Parameter
+    down_scale: torch.nn.Parameter | None
     down_bias: torch.nn.Parameter | None
     norm1: torch.nn.Parameter
     norm2: torch.nn.Parameter
@@ -133,8 +169,11 @@ class LeanDecode(torch.nn.Module):
     """`[sequence_length, head_dim]` fp32 rotary tables (buffers)."""
     sin: torch.Tensor
 
-    def __init__(self, model: PreTrainedModel, sequence_length: int) -> None:
-        """`sequence_length`: positions per cache row (the rotary tables' length)."""
+    def __init__(
+        self, model: PreTrainedModel, sequence_length: int, quantize: str | None = None
+    ) -> None:
+        """`sequence_length`: positions per cache row (the rotary tables' length); `quantize`:
+        `int8` for weight-only int8 products (the embedding table stays as it is)."""
         super().__init__()
         config = model.config
         decoder = model.model
@@ -146,18 +185,22 @@ class LeanDecode(torch.nn.Module):
         self.scaling = self.head_dim**-0.5
         self.embed = _frozen(decoder.embed_tokens.weight)
         self.norm = _frozen(decoder.norm.weight)
-        self.head = _frozen(model.get_output_embeddings().weight)
+        self.head, self.head_scale = _weights(quantize, model.get_output_embeddings().weight)
         self.layers = torch.nn.ModuleList()
         for layer in decoder.layers:
             attn, mlp = layer.self_attn, layer.mlp
             lean = _LeanLayer()
-            lean.qkv = _frozen(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+            lean.qkv, lean.qkv_scale = _weights(
+                quantize, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight
+            )
             lean.qkv_bias = _frozen_bias(attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)
-            lean.o = _frozen(attn.o_proj.weight)
+            lean.o, lean.o_scale = _weights(quantize, attn.o_proj.weight)
             lean.o_bias = _frozen_bias(attn.o_proj.bias)
-            lean.gate_up = _frozen(mlp.gate_proj.weight, mlp.up_proj.weight)
+            lean.gate_up, lean.gate_up_scale = _weights(
+                quantize, mlp.gate_proj.weight, mlp.up_proj.weight
+            )
             lean.gate_up_bias = _frozen_bias(mlp.gate_proj.bias, mlp.up_proj.bias)
-            lean.down = _frozen(mlp.down_proj.weight)
+            lean.down, lean.down_scale = _weights(quantize, mlp.down_proj.weight)
             lean.down_bias = _frozen_bias(mlp.down_proj.bias)
             lean.norm1 = _frozen(layer.input_layernorm.weight)
             lean.norm2 = _frozen(layer.post_attention_layernorm.weight)
@@ -187,7 +230,7 @@ class LeanDecode(torch.nn.Module):
         new: list[torch.Tensor] = []
         for i, layer in enumerate(cast("Iterable[_LeanLayer]", self.layers)):
             h = _rms_norm(x, layer.norm1, self.eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = _linear(h, layer.qkv, layer.qkv_scale, layer.qkv_bias)
             q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
             q = q.view(b, heads, head_dim)
             k = k.view(b, kv_heads, head_dim)
@@ -209,14 +252,15 @@ class LeanDecode(torch.nn.Module):
             total = weights.sum(-1, keepdim=True) + own_weight
             mixed = (weights[..., None] * values[:, :, None].float()).sum(-2)
             out = (mixed + own_weight * v.float()[:, :, None, :]) / total
-            x = x + F.linear(out.to(x.dtype).reshape(b, heads * head_dim), layer.o, layer.o_bias)
+            attended = out.to(x.dtype).reshape(b, heads * head_dim)
+            x = x + _linear(attended, layer.o, layer.o_scale, layer.o_bias)
             h = _rms_norm(x, layer.norm2, self.eps)
-            gate, up = F.linear(h, layer.gate_up, layer.gate_up_bias).split(
+            gate, up = _linear(h, layer.gate_up, layer.gate_up_scale, layer.gate_up_bias).split(
                 [self.intermediate, self.intermediate], -1
             )
-            x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            x = x + _linear(F.silu(gate) * up, layer.down, layer.down_scale, layer.down_bias)
         x = _rms_norm(x, self.norm, self.eps)
-        return F.linear(x, self.head).float(), torch.stack(new)
+        return _linear(x, self.head, self.head_scale).float(), torch.stack(new)
 
 
 def decode_mask(
@@ -241,6 +285,8 @@ class PackageSpec:
     device: str
     slots: int
     sequence_length: int
+    quantize: str | None = None
+    """`int8`: weight-only int8 products (`LeanDecode`)."""
 
     def key(self) -> str:
         """Directory name under the compile root: the model's fingerprint and the spec."""
@@ -255,11 +301,13 @@ class PackageSpec:
             self.device,
             self.slots,
             self.sequence_length,
+            self.quantize,
             _isa(self.device),
         ):
             digest.update(repr(part).encode() if not isinstance(part, bytes) else part)
         name = Path(self.model_path).name or "model"
-        return f"{name}-{self.dtype}-{self.slots}x{self.sequence_length}-{digest.hexdigest()[:16]}"
+        weights = f"{self.dtype}-{self.quantize}" if self.quantize else self.dtype
+        return f"{name}-{weights}-{self.slots}x{self.sequence_length}-{digest.hexdigest()[:16]}"
 
 
 def _transformers_version() -> str:
@@ -301,7 +349,7 @@ def build_package(spec: PackageSpec, out: Path) -> None:
     reason = uncovered(model.config)
     if reason:
         raise ValueError(reason)
-    step = LeanDecode(model.eval(), spec.sequence_length).eval()
+    step = LeanDecode(model.eval(), spec.sequence_length, spec.quantize).eval()
     del model
     cache = torch.zeros(
         (len(step.layers), 2, spec.slots, step.kv_heads, spec.sequence_length, step.head_dim),

@@ -491,7 +491,8 @@ class TorchBackend:
             self.shape,
             kv_cache_dtype=str(self.dtype).removeprefix("torch."),
             mixed_steps=False,
-            compiled_step="inductor (AOT)",
+            compiled_step="inductor (AOT)"
+            + (f", {step.spec.quantize} weights" if step.spec.quantize else ""),
             eager_reason=None,
         )
         logger.info("decode runs the compiled step (%s)", step.package)

@@ -120,9 +120,11 @@ def _weights(
     if quantize is None:
         return weight, None
     w = weight.detach().float()
-    scale = w.abs().amax(1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return _frozen(q), _frozen(scale.to(weight.dtype))
+    # The scale in the weight's dtype first, so that the int8 values round against the scale
+    # the product multiplies by.
+    scale = (w.abs().amax(1) / 127).clamp(min=torch.finfo(weight.dtype).tiny).to(weight.dtype)
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return _frozen(q), _frozen(scale)
 
 
 def _linear(

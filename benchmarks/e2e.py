@@ -118,7 +118,7 @@ class Options:
     """Paired measurements per server for targets 1, 3 and 4 (see `paired_runs`)."""
     dtype: str | None
     """Our server's and the ceiling's dtype; None: the server's default."""
-    quantize: str | None = None
+    quantize: str | None
     """Our server's `QUANTIZE` (weight-only int8 in its compiled step); None: off."""
     quiet_cores: float
     """Other processes' CPU use (cores) under which the machine counts as quiet."""

@@ -97,6 +97,8 @@ from handler.config import DTYPE_ALIASES
 _STARTED = time.perf_counter()
 WARMUP_REQUESTS = 4
 """Fewest unmeasured requests before a level's measured ones (one client sends them in turn)."""
+MEASURED_REQUESTS = 8
+"""Fewest measured requests of a closed-loop level."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,12 @@ def measure(
     return best
 
 
+def measured_rounds(options: Options, level: int) -> int:
+    """Measured requests per client: at least MEASURED_REQUESTS per level (at C = 1, two
+    requests made the level's figure swing by a third between runs)."""
+    return max(options.rounds, -(-MEASURED_REQUESTS // level))
+
+
 def warmup_rounds(options: Options, level: int) -> int:
     """Unmeasured requests per client: at least WARMUP_REQUESTS per level, whatever the client
     count."""
@@ -207,7 +215,12 @@ def run_levels(
             server,
             f"{name}: {level} clients",
             lambda quiet, level=level, warmup=warmup: run_level(
-                client, level, options.rounds, warmup, monitor=monitor, quiet=quiet
+                client,
+                level,
+                measured_rounds(options, level),
+                warmup,
+                monitor=monitor,
+                quiet=quiet,
             ),
         )
         progress(

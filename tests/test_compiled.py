@@ -8,8 +8,6 @@ through the compiled step in tests/test_architectures.py.
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -160,35 +158,6 @@ def test_a_row_does_not_depend_on_its_batch_mates(fp32_engine: Engine) -> None:
         mask = compiled.decode_mask(positions[:rows], int(positions[:rows].max()), None, cpu)
         alone, _ = step(tokens[:rows], positions[:rows], mask, cache)
         assert (alone - together[:rows]).abs().max() < FP32_TIE
-
-
-def test_the_step_lets_other_threads_run(fp32_engine: Engine) -> None:
-    """The CPU step runs without the GIL (`compiled._Library`): a Python thread keeps running
-    during it. (Holding the GIL, the thread would run only between steps: a few times each.)"""
-    step = fp32_engine.backend.compiled.step  # type: ignore[union-attr]
-    cache = fp32_engine.backend.kv
-    positions = torch.tensor([300, 200, 250, 100])
-    mask = compiled.decode_mask(positions, 300, None, torch.device("cpu"))
-    tokens = torch.tensor([1, 2, 3, 4])
-    spins, done = [0], threading.Event()
-
-    def spin() -> None:
-        while not done.is_set():
-            spins[0] += 1
-            time.sleep(0)
-
-    thread = threading.Thread(target=spin)
-    with torch.inference_mode():
-        step(tokens, positions, mask, cache)
-        thread.start()
-        time.sleep(0.01)
-        before = spins[0]
-        for _ in range(5):
-            step(tokens, positions, mask, cache)
-        during = spins[0] - before
-    done.set()
-    thread.join()
-    assert during > 100, during
 
 
 def test_prompts_starting_from_held_positions_answer_as_generate(

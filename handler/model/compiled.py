@@ -15,32 +15,29 @@ and returns the new keys and values, `[layers, 2, b, kv_heads, head_dim]`; the b
 them with one indexed copy, so the compiled code mutates nothing.
 
 With `QUANTIZE=int8` the products read weight-only int8 weights (one scale per output channel,
-through aten's int8 kernel): half the bytes per token, faster at a batch of a few rows and slower
-at large batches, where the bf16 products' kernels are the better ones (`make bench`).
+through aten's int8 kernel): half the weight bytes, but that kernel is no match for oneDNN's
+pre-packed bf16 ones. SmolLM2 bf16 on AMD EPYC, bare step over 100 cached positions: 12.0 ms
+against 13.5 at one row, 18.0 against 13.4 at 4, 51.4 against 25.5 at 16.
 
 Packages are built in a child process (`python -m handler.model.compiled`) so that the server's
 own process never holds the compiler's memory, and a compiler crash costs only the compiled path.
 They are kept under `compile_root(settings)` by a key of everything the generated code depends
 on; a restart loads the package in well under a second. Architectures outside the family, and
 any failure to build or load, leave the backend on `transformers`' step (logged, and `/info`
-says why). On CPU the package's library runs through its C interface (`_Library`), which
-releases the GIL for the step: the server's other threads stream tokens while it runs.
+says why).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
-import zipfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -387,9 +384,7 @@ class CompiledDecode:
         self.package = package
         self.spec = spec
         before = _mapped_libraries()
-        self._run: Callable[..., Sequence[torch.Tensor]] = (
-            _Library(package) if spec.device == "cpu" else aoti_load_package(str(package))
-        )
+        self._run = aoti_load_package(str(package))
         self.libraries = _mapped_libraries() - before
         """The shared libraries loading the package mapped (its generated code)."""
         self.released = _release_constant_pages(self.libraries)
@@ -401,87 +396,6 @@ class CompiledDecode:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         logits, new = self._run(tokens, positions, mask, cache)
         return logits, new
-
-
-_python = ctypes.PyDLL(None)  # the C API, called with the GIL held
-_capsule_pointer = _python.PyCapsule_GetPointer
-_capsule_pointer.restype, _capsule_pointer.argtypes = (
-    ctypes.c_void_p,
-    [ctypes.py_object, ctypes.c_char_p],
-)
-_new_capsule = _python.PyCapsule_New
-_new_capsule.restype = ctypes.py_object
-_new_capsule.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-
-
-class _Library:
-    """A CPU package's generated library, run through its C interface with `ctypes`.
-
-    `ctypes` releases the GIL for the call, and AOTInductor's own loader does not: with it, the
-    server's threads that stream tokens, parse requests and answer health checks wait for the end
-    of every step (14 ms at batch 1 with SmolLM2, 40 ms at batch 32) and run between steps,
-    serialized with the scheduler. The library is the package's own (`decode.so`, extracted next
-    to it once); it loads the weights it holds as the loader does."""
-
-    def __init__(self, package: Path) -> None:
-        path = package.with_suffix(".so")
-        if not path.is_file():
-            _extract_library(package, path)
-        self._lib = lib = ctypes.CDLL(str(path))
-        void_p, size_t = ctypes.c_void_p, ctypes.c_size_t
-        lib.AOTInductorModelContainerRun.argtypes = [
-            *(void_p, void_p, size_t, void_p, size_t, void_p, void_p)
-        ]
-        lib.AOTInductorGetLastError.restype = ctypes.c_char_p
-        self._handle = void_p()
-        self._check(
-            lib.AOTInductorModelContainerCreateWithDevice(
-                ctypes.byref(self._handle), size_t(1), b"cpu", None
-            )
-        )
-        outputs = size_t()
-        self._check(lib.AOTInductorModelContainerGetNumOutputs(self._handle, ctypes.byref(outputs)))
-        self._outputs = outputs.value
-
-    def _check(self, status: int) -> None:
-        if status != 0:
-            message = self._lib.AOTInductorGetLastError() or b"no message"
-            raise RuntimeError(f"the compiled step failed: {message.decode(errors='replace')}")
-
-    def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        """Run the step on `inputs` (the graph's, in order); return its outputs."""
-        # New `at::Tensor` handles to the inputs, which the run takes over (and frees).
-        handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(list(inputs))
-        given = (ctypes.c_void_p * len(handles))(*(_capsule_pointer(h, None) for h in handles))
-        out = (ctypes.c_void_p * self._outputs)()
-        self._check(
-            self._lib.AOTInductorModelContainerRun(
-                self._handle, given, len(handles), out, self._outputs, None, None
-            )
-        )
-        return torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(
-            [_new_capsule(handle, None, None) for handle in out]
-        )
-
-    def __del__(self) -> None:
-        if getattr(self, "_handle", None):
-            self._lib.AOTInductorModelContainerDelete(self._handle)
-
-
-def _extract_library(package: Path, path: Path) -> None:
-    """Copy the package's generated library to `path` (through a temporary file: whole or
-    absent)."""
-    with zipfile.ZipFile(package) as archive:
-        names = [name for name in archive.namelist() if name.endswith(".so")]
-        if len(names) != 1:
-            raise ValueError(f"{package}: expected one library, found {names}")
-        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.so")
-        try:
-            with archive.open(names[0]) as source, partial.open("wb") as target:
-                shutil.copyfileobj(source, target, 2**24)
-            partial.replace(path)
-        finally:
-            partial.unlink(missing_ok=True)
 
 
 def _mapped_libraries() -> set[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from handler.config import read_settings
 from handler.errors import ConfigError
@@ -16,6 +16,7 @@ from handler.generation.request import GenerationRequest
 from handler.model import compiled
 from handler.model.compiled import LeanDecode, decode_mask
 from tests.conftest import PROMPTS, assert_margin_rule, start_engine
+from tests.test_architectures import configs
 
 INT8_STEPS = 8
 """Bound of the margin rule (in bf16 rounding steps): int8 weights move SmolLM2's logits by up
@@ -60,21 +61,11 @@ def test_int8_weights_follow_the_margin_rule(smollm2_dir: Path, reference_model,
 
 
 def tiny_llama(root: Path, tokenizer) -> Path:
-    """A tiny random Llama (fp32), saved once under `root`."""
+    """The tiny random Llama of tests/test_architectures.py (fp32), saved once under `root`."""
     directory = root / "tiny-models" / "llama-int8"
     if not (directory / "config.json").is_file():
         torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            initializer_range=0.5,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
+        config = configs(len(tokenizer))["llama"]
         AutoModelForCausalLM.from_config(config).save_pretrained(directory)
         tokenizer.save_pretrained(directory)
     return directory

@@ -463,12 +463,8 @@ class Generator:
     def _last_tokens(slots: list[Slot]) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode inputs: `[n]` last token of each slot (a joining prompt's own last token,
         `_join`), `[n]` its position."""
-        last = [slot.generated[-1] if slot.generated else None for slot in slots]
         input_ids = torch.tensor(
-            [
-                token if token is not None else slot.request.request.prompt_ids[-1]
-                for slot, token in zip(slots, last)
-            ],
+            [(slot.generated or slot.request.request.prompt_ids)[-1] for slot in slots],
             dtype=torch.long,
         )
         positions = torch.tensor([slot.total_tokens - 1 for slot in slots], dtype=torch.long)

@@ -17,6 +17,7 @@ from handler.generation.request import GenerationRequest
 from handler.model import compiled
 from handler.model.base import ModelBackend
 from handler.model.resolve import ResolvedModel, choose_backend, resolve_model
+from handler.model.threads import release_pool
 from handler.model.torch_backend import TorchBackend
 
 logger = logging.getLogger(__name__)
@@ -266,4 +267,7 @@ def load_engine(
         )
     report("warming_up")
     warm_up(engine)
+    # The scheduler thread runs the model from here on; this thread's OpenMP pool (from
+    # loading) would slow its steps (`handler/model/threads.py`).
+    release_pool()
     return engine

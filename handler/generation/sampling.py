@@ -30,6 +30,7 @@ import torch
 
 from handler.generation.grammar import Constraint, fill_masks
 from handler.model.params import SamplingParams
+from handler.model.threads import serial_helper
 
 __all__ = ["CANDIDATES", "Selection", "TokenSelector"]
 
@@ -100,7 +101,11 @@ class TokenSelector:
         if not rows:
             return
         if self._masker is None:
-            self._masker = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+            # Its operators run on itself alone: an OpenMP pool of its own would slow every
+            # step's parallel regions (`handler/model/threads.py`).
+            self._masker = ThreadPoolExecutor(
+                1, thread_name_prefix="grammar-mask", initializer=serial_helper
+            )
         constraints = cast(list[Constraint], [self.constraints[s] for s in rows])
         ends = [self.end_ids[s] for s in rows]
         self._pending = (list(slots), self._masker.submit(self._banned, constraints, ends))

@@ -65,6 +65,23 @@ def test_admission_fills_only_free_slots() -> None:
     assert step.taken == 2
 
 
+def test_a_request_takes_the_free_slot_holding_its_prompt_where_that_adds_no_row() -> None:
+    """A request goes to the free slot it `prefers` (the row holding its prompt's start) unless
+    an earlier request took it or the slot lies above every row the step runs anyway; the others
+    take the lowest free slots left, in queue order."""
+    four = slots(DECODE, EMPTY, EMPTY, DECODE, EMPTY, EMPTY)
+    waiting = [Waiting(5, prefers=2), Waiting(5), Waiting(5, prefers=1)]
+    assert plan(BUDGET, four, waiting, 0).admit == ((0, 2), (1, 4), (2, 1))
+    # Slot 0 preferred (not mistaken for "no preference"); a second claim on it falls back.
+    idle = slots(EMPTY, EMPTY, EMPTY)
+    step = plan(BUDGET, idle, [Waiting(5), Waiting(5, prefers=0), Waiting(5, prefers=0)], 0)
+    assert step.admit == ((0, 1), (1, 0), (2, 2))
+    assert step.decode == (0, 1, 2)
+    # Slot 5 lies above the rows this step runs (0 to 3): no cheaper than a copy into slot 1.
+    high = plan(BUDGET, four, [Waiting(5, prefers=5)], 0)
+    assert high.admit == ((0, 1),) and high.decode == (0, 1, 3)
+
+
 def test_every_running_slot_decodes_and_admitted_ones_join_after_their_prefill() -> None:
     step = plan(BUDGET, slots(DECODE, EMPTY, DECODE, EMPTY), queue(5), 0)
     assert step == StepPlan(taken=1, admit=((0, 1),), decode=(0, 1, 2))

@@ -118,6 +118,25 @@ def test_prompts_admitted_together_are_not_sources_for_each_other() -> None:
     assert backend.calls[-2:] == [Call("prefill", prefill=[1]), Call("decode", decode=[0, 1])]
 
 
+def test_requests_admitted_together_go_to_the_rows_holding_their_prompts() -> None:
+    """Two requests end together; their prompts come back in the other order. Each goes to the
+    row that holds it and joins the decode step there: no copy, no prefill (taking the lowest
+    free slots, each would have overwritten the other's holding and computed its prompt)."""
+    backend, generator = reusing(batch_size=2)
+    a, b = prompt(20), prompt(20, first=30)
+    with generator._cond:
+        first = [generator.submit(GenerationRequest(ids, 3)) for ids in (a, b)]
+    run_all(generator)
+    answers = [answer(h) for h in first]
+    calls = len(backend.calls)
+    with generator._cond:
+        again = [generator.submit(GenerationRequest(ids, 3)) for ids in (b, a)]
+    run_all(generator)
+    assert backend.calls[calls:] == [Call("decode", [0, 1])] * 3
+    assert [answer(h) for h in again] == answers[::-1]
+    assert generator.reused_tokens == 2 * 19
+
+
 def test_no_reuse_for_prompt_logprobs_when_off_or_after_a_failed_step() -> None:
     ids = prompt(20)
     backend, generator = reusing()

@@ -9,9 +9,10 @@ requests it belongs to.
 
 Where the backend can (`ModelShape.prefix_reuse`), an admitted prompt whose first tokens some
 cache row holds starts after them (`handler/generation/prefix.py`): the generator keeps what each
-empty row holds, and a running row holds its prompt and its answer so far. A prompt held all but
-its last token (a repeated prompt) skips the prefill: that token runs as a row of the step's
-decode (`_join`), so admitting it costs the running requests nothing.
+empty row holds, and a running row holds its prompt and its answer so far. A request is admitted
+into the free slot that holds its prompt where the planner can (`Waiting.prefers`). A prompt
+held all but its last token (a repeated prompt) skips the prefill: that token runs as a row of
+the step's decode (`_join`), so admitting it costs the running requests nothing.
 
 Grammar masks of constrained rows are computed on a worker thread while the step's forward
 runs (`TokenSelector.prepare`), and applied when its logits arrive.
@@ -214,7 +215,7 @@ class Generator:
                 SlotView(s.index, s.state, s.handle is not None and s.handle.cancelled)
                 for s in self.slots
             ]
-            queue = [Waiting(len(h.request.prompt_ids), h.cancelled) for h in self._waiting]
+            queue = self._queue_views()
             step = plan(self.policy, views, queue, self._steps_since_prefill)
             taken = [self._waiting.popleft() for _ in range(step.taken)]
             admitted = {position: taken[position] for position, _ in step.admit}
@@ -255,6 +256,36 @@ class Generator:
         if decoding:
             self._decode(decoding)
         return step
+
+    def _queue_views(self) -> list[Waiting]:
+        """What the planner sees of the queue. The requests that could be admitted now also
+        name the free slot whose row holds most of their prompt's start (`Waiting.prefers`)."""
+        free = {
+            s.index: self._held[s.index]
+            for s in self.slots
+            if s.state is SlotState.EMPTY and self._held[s.index]
+        }
+        candidates = sum(s.state is SlotState.EMPTY for s in self.slots)
+        views = []
+        for handle in self._waiting:
+            prefers = None
+            if free and candidates > 0 and not handle.cancelled:
+                candidates -= 1
+                if self._reusable(handle.request):
+                    found = best_reuse(handle.request.prompt_ids, -1, free)
+                    prefers = found.source if found is not None else None
+            views.append(Waiting(len(handle.request.prompt_ids), handle.cancelled, prefers))
+        return views
+
+    def _reusable(self, request: GenerationRequest) -> bool:
+        """Whether a request may start from held positions: not when every prompt position's
+        logits are wanted, nor for a seeded draw, which repeats exactly only over the same
+        computation (a held prefix's numbers differ in the last bits)."""
+        return (
+            self.prefix_caching
+            and not request.decoder_input_details
+            and request.params.seed is None
+        )
 
     def _start(self, slot: Slot, handle: RequestHandle) -> bool:
         """Assign an admitted request to its slot; a request that cannot start fails alone."""
@@ -303,9 +334,7 @@ class Generator:
         found: dict[int, Reuse] = {}
         for slot in slots:
             request = slot.request.request
-            # Every prompt position's logits are wanted; or a seeded draw, which repeats exactly
-            # only over the same computation (a held prefix's numbers differ in the last bits).
-            if request.decoder_input_details or request.params.seed is not None:
+            if not self._reusable(request):
                 continue
             own = {slot.index: self._held[slot.index]}
             reuse = best_reuse(request.prompt_ids, slot.index, held | own)

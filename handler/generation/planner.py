@@ -6,7 +6,8 @@ Each iteration of the generator's loop asks `plan` what to do, then runs the pla
 2. admit waiting requests into free slots, first come first served (a waiting request is never
    overtaken; cancelled ones are dropped on the way), with one batched prefill whose prompts add
    up to at most `max_batch_prefill_tokens` (the first one is always admitted: its prompt is at
-   most `max_input_tokens`);
+   most `max_input_tokens`); each goes to the lowest free slot, or to the free slot whose row
+   holds its prompt's start (`Waiting.prefers`) where that adds no row to the step;
 3. while requests run, hold admission back (TGI's batching rule, since a prefill pauses every
    stream) until `waiting_served_ratio x running` requests can join at once, or until it has
    been held for `max_waiting_tokens` decode steps; with nothing running, admit at once;
@@ -57,6 +58,9 @@ class Waiting:
 
     prompt_tokens: int
     cancelled: bool = False
+    prefers: int | None = None
+    """A free slot whose row holds the start of this prompt (prefix reuse): admitted there, the
+    request needs no copy, and the row's holding is not overwritten by another request."""
 
 
 @dataclass(frozen=True)
@@ -112,10 +116,36 @@ def plan(
             budget -= request.prompt_tokens
             admit.append((position, free[len(admit)]))
             taken = position + 1
+    admit = _place(admit, free, running, waiting)
     admitted = [slot for _, slot in admit]
     mixed = bool(admitted and running and policy.mixed_steps)
     decode = tuple(running) if mixed else tuple(sorted(running + admitted))
     return StepPlan(release, taken, tuple(admit), decode, mixed)
+
+
+def _place(
+    admit: list[tuple[int, int]],
+    free: list[int],
+    running: list[int],
+    waiting: Sequence[Waiting],
+) -> list[tuple[int, int]]:
+    """Which free slot each admitted request takes, given `admit`'s first choice (the lowest
+    free slots, in queue order): a request goes to the slot it `prefers` when no earlier one took
+    it and the slot is below the highest row that decodes anyway (the step runs rows 0 up to
+    it); the others take the lowest slots left, in queue order."""
+    if not admit:
+        return admit
+    span = max(running + [slot for _, slot in admit])
+    taken: dict[int, int] = {}
+    for position, _ in admit:
+        wanted = waiting[position].prefers
+        if wanted is not None and wanted in free and wanted <= span and wanted not in taken:
+            taken[wanted] = position
+    chosen = {position: slot for slot, position in taken.items()}
+    left = iter(slot for slot in free if slot not in taken)
+    return [
+        (position, chosen[position] if position in chosen else next(left)) for position, _ in admit
+    ]
 
 
 def _hold_back(

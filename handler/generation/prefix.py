@@ -8,8 +8,9 @@ of kilobytes per token, nothing next to a forward) and the prefill starts after 
 what vLLM's automatic prefix caching and llama.cpp's slot prompt cache do; here the store is the
 slot rows themselves, so it costs no memory beyond the cache.
 
-Requests go to the lowest free slots (the decode step runs rows 0 up to the highest one
-decoding), so they keep overwriting the same rows' holdings. Before a slot is overwritten, what it
+Requests go to the free slot holding their prompt when that adds no row to the decode step,
+else to the lowest free slot (the decode step runs rows 0 up to the highest one decoding), so
+they keep overwriting the same rows' holdings. Before a slot is overwritten, what it
 holds is moved ("parked", `parking_row`) into a prefix row: rows beyond the slots that only keep
 prefixes (`ModelShape.prefix_rows`, `PREFIX_CACHE_ROWS`), least recently used first out; without
 them, into an idle slot.

@@ -76,7 +76,7 @@ from benchmarks.load import (
     run_arrivals,
     run_level,
 )
-from benchmarks.machine import machine
+from benchmarks.machine import machine, matmul_gflops
 from benchmarks.monitor import (
     GroupMonitor,
     Quiet,
@@ -601,6 +601,7 @@ def run(options: Options) -> dict[str, Any]:
     skipped: dict[str, str] = {f"{key}": "--skip" for key in options.skip}
     report["skipped"] = skipped
     cpu_peers = install_cpu_peers(options, skipped)
+    speed = report["matmul_gflops"] = {"start": matmul_gflops()}
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     failed = False
     try:
@@ -616,6 +617,7 @@ def run(options: Options) -> dict[str, Any]:
             if dtype != "float32":
                 # The checkpoint's own precision: the ceiling before reduced precision raised it.
                 report["ceiling_float32"] = bench_ceiling(options, "float32")
+        speed["after ours"] = matmul_gflops()
         for key, (peer, venv) in cpu_peers.items():
             for slots in sizes:
                 try:
@@ -636,6 +638,7 @@ def run(options: Options) -> dict[str, Any]:
         progress(f"the servers' logs are kept in {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
+    speed["end"] = matmul_gflops()
     report["duration_s"] = time.perf_counter() - _STARTED
     return report
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
+import time
 
 import torch
 import transformers
@@ -28,6 +30,23 @@ def machine() -> dict[str, object]:
         "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def matmul_gflops(repeats: int = 30) -> float:
+    """How fast this machine multiplies bf16 matrices right now (GFLOP/s; median of `repeats`
+    products of `[64, 2048] x [2048, 2048]`, about the shapes of a model step). Measured at the
+    start, middle and end of a run: a host that slows down under a neighbour (invisible to the
+    quiet check, which sees this machine's processes only) shows here."""
+    a = torch.randn(64, 2048, dtype=torch.bfloat16)
+    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 3):
+            started = time.perf_counter()
+            a @ b
+            if i >= 3:
+                times.append(time.perf_counter() - started)
+    return 2 * 64 * 2048 * 2048 / statistics.median(times) / 1e9
 
 
 def _lscpu() -> dict[str, str]:

@@ -486,9 +486,30 @@ def quiet_line(report: dict[str, Any]) -> str:
     if disturbed:
         return text + (
             f"; {len(disturbed)} ran on a busy machine even after waiting and retrying: "
-            "treat those numbers with care."
+            "treat those numbers with care." + speed_line(report)
         )
-    return text + ": quiet throughout."
+    return text + ": quiet throughout." + speed_line(report)
+
+
+SPEED_DRIFT = 1.15
+"""A run whose bf16 matrix products ran this much faster at one probe than at another is
+flagged: the host itself changed speed while the systems were measured one after another."""
+
+
+def speed_line(report: dict[str, Any]) -> str:
+    """The machine's bf16 matrix-product speed at the start, middle and end of the run."""
+    speed = report.get("matmul_gflops") or {}
+    if not speed:
+        return ""
+    text = " bf16 matrix products ran at " + ", ".join(
+        f"{value:,.0f} GFLOP/s ({when})" for when, value in speed.items()
+    )
+    if max(speed.values()) > SPEED_DRIFT * min(speed.values()):
+        return text + (
+            ": the host's speed changed during the run, so ratios between systems measured "
+            "at different times are uncertain."
+        )
+    return text + "."
 
 
 def skipped_lines(report: dict[str, Any]) -> list[str]:

@@ -28,6 +28,7 @@ from handler.api import tgi
 from handler.config import read_settings
 from handler.engine import Engine, build_torch_engine
 from handler.errors import ConfigError
+from handler.model import compiled
 from handler.model.resolve import resolve_model
 from handler.server import app as app_module
 from handler.server.app import create_app
@@ -173,12 +174,41 @@ def shipped_code(smollm2_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
 def test_a_model_that_ships_code_is_served_without_running_it(
     shipped_code: tuple[Path, Path],
 ) -> None:
+    """Loaded eagerly (the compiled step's build, which loads the model again, is the next
+    test: compiling SmolLM2 here would cost this test two minutes)."""
     model, ran = shipped_code
-    settings = read_settings([], {"HF_MODEL_ID": str(model), "MAX_TOTAL_TOKENS": "64"})
+    environ = {"HF_MODEL_ID": str(model), "MAX_TOTAL_TOKENS": "64", "TORCH_COMPILE": "false"}
+    settings = read_settings([], environ)
     assert settings.trust_remote_code is False
     imported = set(sys.modules)
     engine = build_torch_engine(settings, resolve_model(settings).path, start=False)
     assert type(engine.backend.model).__name__ == "LlamaForCausalLM"
+    assert not ran.exists()
+    assert not [name for name in set(sys.modules) - imported if "evil" in name]
+
+
+class _Loaded(Exception):
+    """Raised where the compiled step's build has loaded the model, to end it there."""
+
+
+def test_the_compiled_steps_build_loads_the_model_without_running_its_code(
+    shipped_code: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`build_package` loads the model with `transformers` (then exports and compiles it); the
+    build is stopped at its first look at the loaded model's config."""
+    model, ran = shipped_code
+    seen: list[str] = []
+
+    def loaded(config: Any) -> None:
+        seen.append(type(config).__name__)
+        raise _Loaded
+
+    monkeypatch.setattr(compiled, "uncovered", loaded)
+    imported = set(sys.modules)
+    spec = compiled.PackageSpec(str(model), "fp32", "cpu", 1, 64)
+    with pytest.raises(_Loaded):
+        compiled.build_package(spec, tmp_path / "decode.pt2")
+    assert seen == ["LlamaConfig"]
     assert not ran.exists()
     assert not [name for name in set(sys.modules) - imported if "evil" in name]
 

@@ -511,6 +511,16 @@ class Settings:
         env=("TORCH_COMPILE",),
         parse=_bool,
     )
+    fused_attention: bool = option(
+        True,
+        "On CPU the compiled decode step attends with a C++ operator built at the first start "
+        "(handler/model/cpu_ops.py: each row reads only its own cached keys) rather than "
+        "inductor's masked loops (true or false). Where it cannot be built, or the model's "
+        "head size is not one it has, the step keeps inductor's loops (logged).",
+        flags=("--fused-attention",),
+        env=("TORCH_FUSED_ATTENTION",),
+        parse=_bool,
+    )
     quantize: str | None = option(
         None,
         "`int8`: the torch backend's compiled decode step on CPU reads weight-only int8 weights "

@@ -157,6 +157,7 @@ def build_torch_engine(
             settings.max_batch_size,
             settings.max_total_tokens,
             settings.quantize,
+            "fused" if settings.fused_attention else "inductor",
         )
         root = compiled.compile_root(settings.compile_cache, settings.hub_cache)
         prepared = compiled.prepare(spec, root, backend.model.config)

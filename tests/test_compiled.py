@@ -72,7 +72,7 @@ def run(engine: Engine, ids: list[int], n: int, **fields) -> list[int]:
 def test_compiled_greedy_equals_transformers_alone(
     fp32_engine: Engine, reference_model, tokenizer
 ) -> None:
-    assert fp32_engine.backend.shape.compiled_step == "inductor (AOT)"
+    assert fp32_engine.backend.shape.compiled_step == "inductor (AOT), fused attention"
     for prompt in PROMPTS:
         ids = tokenizer(prompt).input_ids
         got = run(fp32_engine, ids, 24)
@@ -264,7 +264,7 @@ def test_compiled_bf16_follows_the_margin_rule(
 def test_a_restart_loads_the_package_without_building(
     smollm2_dir: Path, compile_cache: Path, fp32_engine: Engine
 ) -> None:
-    spec = compiled.PackageSpec(str(smollm2_dir.resolve()), "fp32", "cpu", 4, 512)
+    spec = compiled.PackageSpec(str(smollm2_dir.resolve()), "fp32", "cpu", 4, 512, None, "fused")
     prepared = compiled.prepare(spec, compile_cache, fp32_engine.backend.model.config)
     assert prepared.step is not None and prepared.reason is None
     assert prepared.built_seconds is None
@@ -281,7 +281,7 @@ def test_a_failed_compile_falls_back_and_says_why(
     reference_model,
     tokenizer,
 ) -> None:
-    def broken(spec, directory, package):
+    def broken(spec, directory, package, ops):
         raise RuntimeError("the compiler is broken")
 
     monkeypatch.setattr(compiled, "_build_in_child", broken)
@@ -320,7 +320,8 @@ def test_the_server_says_which_step_it_runs(
     running = launch_server(smollm2_dir, tmp_path, **compiled_env(compile_cache))
     try:
         info = requests.get(f"{running.url}/info", timeout=10).json()
-        assert info["compiled_step"] == "inductor (AOT)" and info["eager_reason"] is None
+        assert info["compiled_step"] == "inductor (AOT), fused attention"
+        assert info["eager_reason"] is None
         body = {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 12}}
         answer = requests.post(f"{running.url}/generate", json=body, timeout=60)
         assert answer.status_code == 200, answer.text

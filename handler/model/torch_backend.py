@@ -492,6 +492,7 @@ class TorchBackend:
             kv_cache_dtype=str(self.dtype).removeprefix("torch."),
             mixed_steps=False,
             compiled_step="inductor (AOT)"
+            + (", fused attention" if step.spec.attention == "fused" else "")
             + (f", {step.spec.quantize} weights" if step.spec.quantize else ""),
             eager_reason=None,
         )

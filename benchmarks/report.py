@@ -578,7 +578,8 @@ def to_markdown(report: dict[str, Any], plots: Sequence[str] = ()) -> str:
         f"{min(report['prompts']['tokens'])} to {max(report['prompts']['tokens'])} tokens, "
         f"{o['max_new_tokens']} new tokens, greedy; closed loop of C clients, "
         f"{o['warmup_rounds']} warm-up request per client (at least 4 per level) and "
-        f"{o['rounds']} measured requests per client (at least 8 per level). "
+        f"{o['rounds']} measured requests per client (at least 8 per level, and 4 per client "
+        "from 16 clients up). "
         "All ratios below come from this one run.",
         "",
         "Every server but the SageMaker toolkit gets the same requests: streaming "

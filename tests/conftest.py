@@ -9,17 +9,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from handler.config import read_settings
 from handler.engine import Engine, build_torch_engine
+from handler.model import compiled, cpu_ops
 from handler.testing.smollm2 import ensure_model
+from tests.tiny_models import tiny_model
 
 # Golden answers come from the fp32 `transformers` model: servers and engines of the tests run in
 # fp32 unless a test names another dtype (a bf16-capable CPU would otherwise default to bf16,
@@ -29,6 +32,9 @@ os.environ["HF_AUTO_CAST_TYPE"] = "fp32"
 # run `transformers`' step unless they ask for the compiled one (tests/test_compiled.py and the
 # architecture tests build a few packages once per machine, in `compile_cache`).
 os.environ["TORCH_COMPILE"] = "false"
+
+TINY_COMPILED = ("qwen2", "mistral", "llama")
+"""The tiny models the architecture tests run through the compiled step (GPT-2 falls back)."""
 
 PROMPTS = [
     "Hello, my name is",
@@ -69,11 +75,30 @@ def start_engine(model_dir: Path, **env: str) -> Engine:
 
 
 @pytest.fixture(scope="session")
-def compile_cache() -> Path:
+def compile_cache(smollm2_dir: Path, tokenizer: PreTrainedTokenizerBase) -> Path:
     """Compiled decode steps of the tests, kept between runs on this machine (next to the
-    converted SmolLM2): a package is rebuilt only when its key changes."""
+    converted SmolLM2): a package is rebuilt only when its key changes. Every package the suite's
+    engines load is built here first, two at a time: a build is mostly one core's work, and a
+    machine without them (CI's) spent 200 s building them one by one."""
     path = Path.home() / ".cache" / "hf-neuron-serving" / "compiled-steps"
     path.mkdir(parents=True, exist_ok=True)
+    cpu_ops.ensure(path)  # once, before the threads: its load registers an operator
+    models = {name: tiny_model(path.parent, name, tokenizer) for name in TINY_COMPILED}
+    packages = [(smollm2_dir, "fp32", None), (smollm2_dir, "bf16", None)]
+    packages += [(directory, "fp32", None) for directory in models.values()]
+    int8 = tiny_model(path.parent, "llama", tokenizer, name="llama-int8")
+    packages.append((int8, "fp32", "int8"))
+
+    def build(model: Path, dtype: str, quantize: str | None) -> None:
+        slots, positions = (4, 512) if model == smollm2_dir else (3, 64)
+        spec = compiled.PackageSpec(
+            str(model.resolve()), dtype, "cpu", slots, positions, quantize, "fused"
+        )
+        compiled.package_for(spec, path, AutoConfig.from_pretrained(model))
+
+    with ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(build, *package) for package in packages]:
+            future.result()
     return path
 
 

@@ -239,6 +239,18 @@ def test_the_package_weights_are_held_once(fp32_engine: Engine) -> None:
     assert resident < 64 * 2**20, resident
 
 
+def test_loading_leaves_no_extracted_copy_behind(fp32_engine: Engine) -> None:
+    """The loader extracts the package into the temporary directory; that copy is deleted once
+    its library is mapped (a process that never destroys the loader left it behind), and the
+    step still runs."""
+    step = fp32_engine.backend.compiled.step  # type: ignore[union-attr]
+    assert step.libraries
+    for library in step.libraries:
+        extracted = [p for p in Path(library).parents if p.name.startswith("aotinductor_")]
+        assert extracted and not extracted[0].exists(), library
+    assert len(run(fp32_engine, [1, 2, 3, 4], 4)) == 4
+
+
 def test_compiled_bf16_follows_the_margin_rule(
     smollm2_dir: Path, compile_cache: Path, reference_model, tokenizer
 ) -> None:

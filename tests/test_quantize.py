@@ -16,7 +16,7 @@ from handler.generation.request import GenerationRequest
 from handler.model import compiled
 from handler.model.compiled import LeanDecode, decode_mask
 from tests.conftest import PROMPTS, assert_margin_rule, start_engine
-from tests.test_architectures import configs
+from tests.tiny_models import tiny_model
 
 INT8_STEPS = 8
 """Bound of the margin rule (in bf16 rounding steps): int8 weights move SmolLM2's logits by up
@@ -60,21 +60,10 @@ def test_int8_weights_follow_the_margin_rule(smollm2_dir: Path, reference_model,
         assert_margin_rule(reference_model, ids, lean_greedy(step, ids, 24), INT8_STEPS)
 
 
-def tiny_llama(root: Path, tokenizer) -> Path:
-    """The tiny random Llama of tests/test_architectures.py (fp32), saved once under `root`."""
-    directory = root / "tiny-models" / "llama-int8"
-    if not (directory / "config.json").is_file():
-        torch.manual_seed(0)
-        config = configs(len(tokenizer))["llama"]
-        AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-    return directory
-
-
 def test_the_compiled_int8_step_equals_the_lean_step(compile_cache: Path, tokenizer) -> None:
     """QUANTIZE=int8 builds its own package, which computes what the int8 lean step computes
     eagerly, says so in `/info`'s `compiled_step`, and serves."""
-    directory = tiny_llama(compile_cache.parent, tokenizer)
+    directory = tiny_model(compile_cache.parent, "llama", tokenizer, name="llama-int8")
     engine = start_engine(
         directory,
         MAX_BATCH_SIZE="3",

@@ -47,7 +47,12 @@ from handler.mms.inference import (
 from tests.conftest import PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {"MAX_BATCH_SIZE": "2", "MAX_TOTAL_TOKENS": "512", "HF_AUTO_CAST_TYPE": "fp32"}
+SHAPES = {
+    "MAX_BATCH_SIZE": "2",
+    "MAX_TOTAL_TOKENS": "512",
+    "HF_AUTO_CAST_TYPE": "fp32",
+    "TORCH_COMPILE": "false",  # tests/test_compiled.py covers the compiled step
+}
 MODEL_VARIABLES = ("HF_MODEL_ID", "MODEL_ID", "SM_ON_MODEL", "SERVING_STACK")
 DEEP = b"[" * 100_000 + b"]" * 100_000
 """A body nested deeper than the JSON decoder goes (about 1,000 levels)."""

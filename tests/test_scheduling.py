@@ -41,7 +41,14 @@ def engine_with(smollm2_dir: Path) -> Iterator:
 
     def build(**env: str) -> tuple[Engine, Steps]:
         steps = Steps()
-        environ = {"MAX_BATCH_SIZE": "4", "MAX_TOTAL_TOKENS": "256", "HF_AUTO_CAST_TYPE": "fp32"}
+        # Eager: the decisions are the same over either step (tests/test_compiled.py covers the
+        # compiled one), and an eager engine needs no package of its own to be built.
+        environ = {
+            "MAX_BATCH_SIZE": "4",
+            "MAX_TOTAL_TOKENS": "256",
+            "HF_AUTO_CAST_TYPE": "fp32",
+            "TORCH_COMPILE": "false",
+        }
         settings = read_settings([], {**environ, **env})
         engine = build_torch_engine(settings, smollm2_dir, on_step=steps)
         engines.append(engine)

@@ -791,7 +791,7 @@ class TorchBackend:
     ) -> torch.Tensor:
         """The compiled step over rows `0 .. max(seq_ids)`: rows not being decoded are padding
         (token 0 at position 0, attending to nothing cached, written at the last position, which
-        a live row always writes itself before reading it). Returns `[n, vocab]` logits."""
+        a live row always writes itself before reading it). Returns `[n, vocab]` fp32 logits."""
         assert self.compiled is not None and self.kv is not None
         rows = max(seq_ids) + 1
         index = torch.tensor(seq_ids)
@@ -807,7 +807,9 @@ class TorchBackend:
         logits, new = self.compiled(tokens, positions, mask, self.kv)
         slots = torch.arange(rows, device=self.device)
         self.kv[:, :, slots, :, write] = new.permute(2, 0, 1, 3, 4)
-        return logits[index.to(self.device)].cpu()
+        if seq_ids != list(range(rows)):  # a full batch in order (the usual case) needs no gather
+            logits = logits[index.to(self.device)]
+        return logits.float().cpu()
 
     @torch.inference_mode()
     def mixed(

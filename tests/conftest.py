@@ -25,7 +25,7 @@ from handler.engine import Engine, build_torch_engine
 from handler.model import compiled, cpu_ops
 from handler.model.threads import release_pool
 from handler.testing.smollm2 import ensure_model
-from tests.tiny_models import tiny_model
+from tests.tiny_models import TINY_ENGINE, tiny_model
 
 # Golden answers come from the fp32 `transformers` model: servers and engines of the tests run in
 # fp32 unless a test names another dtype (a bf16-capable CPU would otherwise default to bf16,
@@ -81,10 +81,13 @@ def reference_run() -> Iterator[None]:
         release_pool()
 
 
+ENGINE = {"MAX_BATCH_SIZE": "4", "MAX_TOTAL_TOKENS": "512"}
+"""The shape of `start_engine`'s engines (and of the SmolLM2 packages `compile_cache` builds)."""
+
+
 def start_engine(model_dir: Path, **env: str) -> Engine:
     environ = {
-        "MAX_BATCH_SIZE": "4",
-        "MAX_TOTAL_TOKENS": "512",
+        **ENGINE,
         "HF_AUTO_CAST_TYPE": "fp32",
         "TORCH_COMPILE": "false",
         **env,
@@ -110,7 +113,8 @@ def compile_cache(smollm2_dir: Path, tokenizer: PreTrainedTokenizerBase) -> Path
     packages.append((int8, "fp32", "int8"))
 
     def build(model: Path, dtype: str, quantize: str | None) -> None:
-        slots, positions = (4, 512) if model == smollm2_dir else (3, 64)
+        shape = ENGINE if model == smollm2_dir else TINY_ENGINE
+        slots, positions = int(shape["MAX_BATCH_SIZE"]), int(shape["MAX_TOTAL_TOKENS"])
         spec = compiled.PackageSpec(
             str(model.resolve()), dtype, "cpu", slots, positions, quantize, "fused"
         )
@@ -144,8 +148,8 @@ class Reference:
 
 _REFERENCE_ANSWERS: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[int, ...], Reference]]
 _REFERENCE_ANSWERS = weakref.WeakKeyDictionary()
-"""The answers of `reference_greedy`, per model and prompt, for the session (saves about 35 s
-of the suite's 14 minutes on 2 cores: 62 of 129 calls asked again)."""
+"""The answers of `reference_greedy`, per model and prompt, for the session (62 of the suite's
+129 calls ask for one already computed)."""
 
 
 def reference_greedy(
@@ -266,8 +270,7 @@ def launch_server(
     port = free_port()
     environ = {
         **os.environ,
-        "MAX_BATCH_SIZE": "4",
-        "MAX_TOTAL_TOKENS": "512",
+        **ENGINE,
         "SHUTDOWN_GRACE_SECONDS": "10",
         **env,
     }

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from handler.generation.request import GenerationRequest
 from tests.conftest import PROMPTS, reference_greedy, start_engine
-from tests.tiny_models import tiny_model
+from tests.tiny_models import TINY_ENGINE, tiny_model
 
 
 @pytest.mark.parametrize("compile", ["eager", "compiled"])
@@ -23,9 +23,7 @@ def test_tiny_model_matches_generate(
     model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa").eval()
     engine = start_engine(
         directory,
-        MAX_BATCH_SIZE="3",
-        MAX_TOTAL_TOKENS="64",
-        MAX_INPUT_TOKENS="40",
+        **TINY_ENGINE,
         TORCH_COMPILE=str(compile == "compiled").lower(),
         TORCH_COMPILE_CACHE=str(compile_cache),
     )

@@ -16,7 +16,7 @@ from handler.generation.request import GenerationRequest
 from handler.model import compiled
 from handler.model.compiled import LeanDecode, decode_mask
 from tests.conftest import PROMPTS, assert_margin_rule, start_engine
-from tests.tiny_models import tiny_model
+from tests.tiny_models import TINY_ENGINE, tiny_model
 
 INT8_STEPS = 8
 """Bound of the margin rule (in bf16 rounding steps): int8 weights move SmolLM2's logits by up
@@ -66,9 +66,7 @@ def test_the_compiled_int8_step_equals_the_lean_step(compile_cache: Path, tokeni
     directory = tiny_model(compile_cache.parent, "llama", tokenizer, name="llama-int8")
     engine = start_engine(
         directory,
-        MAX_BATCH_SIZE="3",
-        MAX_TOTAL_TOKENS="64",
-        MAX_INPUT_TOKENS="40",
+        **TINY_ENGINE,
         QUANTIZE="int8",
         TORCH_COMPILE="true",
         TORCH_COMPILE_CACHE=str(compile_cache),

@@ -16,6 +16,9 @@ from transformers import (
     Qwen2Config,
 )
 
+TINY_ENGINE = {"MAX_BATCH_SIZE": "3", "MAX_TOTAL_TOKENS": "64", "MAX_INPUT_TOKENS": "40"}
+"""The shape of the tiny models' engines (and of the packages `compile_cache` builds for them)."""
+
 SMALL = {
     "hidden_size": 64,
     "intermediate_size": 128,
